@@ -165,9 +165,12 @@ def test_kinetics_600_new_220():
 
 
 def description_stats():
-    """Return ``{key: (num_descriptions, mean_tokens, max_tokens)}`` for every dataset key."""
+    """Return ``{key: (num_descriptions, mean_tokens, max_tokens)}``; ``None`` where the file is missing."""
     stats = {}
     for key in DATASETS:
+        if not (LISTS_DIR / f"{key}_descriptions.csv").is_file():
+            stats[key] = None
+            continue
         counts = token_counts([r[2] for r in read_descriptions(key)])
         stats[key] = (len(counts), sum(counts) / len(counts), max(counts))
     return stats
@@ -178,5 +181,9 @@ if __name__ == "__main__":
 
     sys.path.insert(0, str(LISTS_DIR.parent))  # run as a script: make the repository's clip importable
     print(f"{'dataset':<14}{'classes':>8}{'mean tokens':>13}{'max tokens':>12}")
-    for key, (n, mean, longest) in description_stats().items():
-        print(f"{key:<14}{n:>8}{mean:>13.1f}{longest:>12}")
+    for key, row in description_stats().items():
+        if row is None:
+            print(f"{key:<14}{'descriptions file missing':>33}")
+        else:
+            n, mean, longest = row
+            print(f"{key:<14}{n:>8}{mean:>13.1f}{longest:>12}")
