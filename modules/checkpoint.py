@@ -1,0 +1,241 @@
+"""T2L checkpoints: the published layout (full fp16 model) and ours (T2L tensors + backbone identity).
+
+Published layout (METHOD.md): ``{"epoch", "model_state_dict", "optimizer_state_dict"}`` where
+``model_state_dict`` holds every OpenAI CLIP key plus ``visual.temporal_embedding`` (1, T, D),
+``visual.transformer.T_prompt_embeddings`` (L, T, D) and ``{visual.,}transformer.resblocks.{i}.Adapter.D_fc{1,2}``;
+keys may carry a ``module.`` prefix.
+
+Ours: a plain dict that ``torch.load(weights_only=True)`` reads: ``{"format": "t2l", "version", "model":
+{T2L tensor name: tensor}, "num_frames", "options", "backbone": {"name_or_path", "sha256", "config"}, ...}``;
+training checkpoints add optimiser, scheduler, scaler, epoch and RNG states (utils/checkpoint).
+"""
+from __future__ import annotations
+
+import logging
+import re
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+from .t2l import T2L, T2LOptions, build_t2l
+
+logger = logging.getLogger(__name__)
+
+FORMAT = "t2l"
+VERSION = 1
+
+_PUBLISHED_ADAPTER = re.compile(r"^(visual\.)?transformer\.resblocks\.(\d+)\.Adapter\.D_fc([12])\.(weight|bias)$")
+_OURS_ADAPTER = re.compile(r"^(vision|text)_adapters\.(\d+)\.(down|up)\.(weight|bias)$")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be read or does not fit the model; the message names the file and tensor."""
+
+
+def strip_prefixes(state_dict: dict) -> dict:
+    """Drop the ``module.`` (DataParallel/DDP) and ``_orig_mod.`` (torch.compile) prefixes."""
+    out = {}
+    for k, v in state_dict.items():
+        for prefix in ("module.", "_orig_mod."):
+            while k.startswith(prefix):
+                k = k[len(prefix):]
+        out[k] = v
+    return out
+
+
+def published_to_ours(state_dict: dict) -> tuple[dict, dict]:
+    """Split a published ``model_state_dict`` into (OpenAI CLIP state dict, T2L tensors under our names)."""
+    clip_sd, t2l_sd = {}, {}
+    for key, value in strip_prefixes(state_dict).items():
+        m = _PUBLISHED_ADAPTER.match(key)
+        if m:
+            tower = "vision" if m.group(1) else "text"
+            part = "down" if m.group(3) == "1" else "up"
+            t2l_sd[f"{tower}_adapters.{m.group(2)}.{part}.{m.group(4)}"] = value
+        elif key == "visual.transformer.T_prompt_embeddings":
+            t2l_sd["temporal_tokens"] = value
+        elif key == "visual.temporal_embedding":
+            t2l_sd["temporal_embedding"] = value
+        else:
+            clip_sd[key] = value
+    return clip_sd, t2l_sd
+
+
+def ours_to_published(model: T2L) -> dict:
+    """The whole model as a published-layout ``model_state_dict`` (fp32; the original code casts as it likes)."""
+    sd = {k: v.detach().clone() for k, v in model.clip.state_dict().items()}
+    for key, value in model.trainable_state_dict().items():
+        m = _OURS_ADAPTER.match(key)
+        if m:
+            prefix = "visual." if m.group(1) == "vision" else ""
+            fc = "D_fc1" if m.group(3) == "down" else "D_fc2"
+            sd[f"{prefix}transformer.resblocks.{m.group(2)}.Adapter.{fc}.{m.group(4)}"] = value
+        elif key == "temporal_tokens":
+            sd["visual.transformer.T_prompt_embeddings"] = value
+        elif key == "temporal_embedding":
+            sd["visual.temporal_embedding"] = value
+        else:
+            raise CheckpointError(f"T2L tensor {key!r} has no place in the published checkpoint layout")
+    return sd
+
+
+def infer_published_options(t2l_sd: dict, num_vision_layers: int) -> tuple[int, dict]:
+    """Read (num_frames, T2L options) off the T2L tensors of a published checkpoint."""
+    tokens = t2l_sd.get("temporal_tokens")
+    emb = t2l_sd.get("temporal_embedding")
+    if tokens is not None:
+        num_frames = tokens.shape[1]
+        mode = "deep" if tokens.shape[0] == num_vision_layers and num_vision_layers > 1 else "shallow"
+    elif emb is not None:
+        num_frames, mode = emb.shape[1], "none"
+    else:
+        raise CheckpointError("the checkpoint has neither visual.transformer.T_prompt_embeddings nor "
+                              "visual.temporal_embedding, so it is not a T2L checkpoint")
+    options: dict[str, Any] = {"temporal_tokens": mode}
+    options["vision_adapters"] = any(k.startswith("vision_adapters.") for k in t2l_sd)
+    options["text_adapters"] = any(k.startswith("text_adapters.") for k in t2l_sd)
+    down = next((v for k, v in t2l_sd.items() if k.endswith(".down.weight")), None)
+    if down is not None:
+        options["adapter_ratio"] = down.shape[0] / down.shape[1]
+    return num_frames, options
+
+
+def load_t2l_tensors(model: T2L, t2l_sd: dict, source: str = "checkpoint") -> None:
+    """Copy T2L tensors into ``model``; any missing, unexpected or mis-shaped tensor is an error naming it."""
+    expected = {k: v for k, v in model.named_parameters() if not k.startswith("clip.")}
+    missing = sorted(set(expected) - set(t2l_sd))
+    unexpected = sorted(set(t2l_sd) - set(expected))
+    problems = []
+    if missing:
+        problems.append(f"missing tensors: {', '.join(missing)}")
+    if unexpected:
+        problems.append(f"unexpected tensors: {', '.join(unexpected)}")
+    for k in sorted(set(expected) & set(t2l_sd)):
+        if tuple(t2l_sd[k].shape) != tuple(expected[k].shape):
+            hint = ""
+            if k in ("temporal_tokens", "temporal_embedding"):
+                hint = f" (the checkpoint was trained with {t2l_sd[k].shape[1]} frames, the model has " \
+                       f"{model.num_frames})"
+            problems.append(f"{k}: checkpoint shape {tuple(t2l_sd[k].shape)} != model shape "
+                            f"{tuple(expected[k].shape)}{hint}")
+    if problems:
+        raise CheckpointError(f"{source} does not fit this T2L model: " + "; ".join(problems))
+    with torch.no_grad():
+        for k, p in expected.items():
+            p.copy_(t2l_sd[k].to(p.dtype))
+
+
+def make_checkpoint(model: T2L, backbone: Optional[dict] = None, **extra) -> dict:
+    """Our checkpoint dict: T2L tensors, frames, options and the frozen backbone's identity (not its weights)."""
+    backbone = dict(backbone or getattr(model.clip, "source_identity", None) or {})
+    backbone.setdefault("config", model.clip.config.to_dict())
+    ckpt = {"format": FORMAT, "version": VERSION, "model": model.trainable_state_dict(),
+            "num_frames": model.num_frames, "options": model.options.to_dict(), "backbone": backbone}
+    ckpt.update(extra)
+    return ckpt
+
+
+def save_published(model: T2L, path: str | Path, epoch: int = 0, half: bool = True) -> None:
+    """Write a published-layout full checkpoint that the original T2L/EZ-CLIP code can read."""
+    sd = ours_to_published(model)
+    if half:
+        sd = {k: v.half() if v.is_floating_point() else v for k, v in sd.items()}
+    from utils.checkpoint import atomic_save  # the one atomic writer of the project
+
+    atomic_save({"epoch": epoch, "model_state_dict": sd, "optimizer_state_dict": {}}, path)
+
+
+def read_checkpoint(path: str | Path, trust: bool = False) -> dict:
+    """Read a checkpoint file safely (``weights_only=True``), with errors that name the file."""
+    from utils.checkpoint import safe_load
+
+    obj = safe_load(path, trust=trust)
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"{path}: expected a checkpoint dict, found a {type(obj).__name__}")
+    return obj
+
+
+def is_published(ckpt: dict) -> bool:
+    sd = ckpt.get("model_state_dict", ckpt)
+    return isinstance(sd, dict) and any(k.endswith("T_prompt_embeddings") or k.endswith("temporal_embedding")
+                                        for k in sd if isinstance(k, str) and k.startswith(("visual.", "module.")))
+
+
+def load_t2l(path: str | Path, clip_model: Optional[torch.nn.Module] = None, trust: bool = False,
+             map_location: str = "cpu", **options) -> T2L:
+    """Load a T2L model from our checkpoint or a published one.
+
+    Published checkpoints carry the whole CLIP; ours carry its identity, and the backbone is loaded with
+    ``clip.load(backbone.name_or_path)`` (checked against the recorded SHA-256) unless ``clip_model`` is given.
+    ``options`` override T2L options that do not change tensor shapes (``prompt_dropout``, ``drop_path_rate``,
+    ``activation_checkpointing``). Missing or unexpected tensors are errors that name them.
+    """
+    from clip.model import build_model
+
+    path = Path(path)
+    ckpt = read_checkpoint(path, trust=trust)
+    if ckpt.get("format") == FORMAT:
+        backbone = ckpt.get("backbone") or {}
+        if clip_model is None:
+            clip_model = build_backbone(backbone, source=str(path))
+        opts = {**ckpt.get("options", {}), **options}
+        model = build_t2l(clip_model, num_frames=int(ckpt["num_frames"]), **opts)
+        load_t2l_tensors(model, ckpt["model"], source=str(path))
+        return model
+    if not is_published(ckpt):
+        raise CheckpointError(
+            f"{path} is neither a T2L checkpoint of this project (key 'format': 't2l') nor a published T2L "
+            f"checkpoint (a 'model_state_dict' with visual.transformer.T_prompt_embeddings); top-level keys: "
+            f"{sorted(map(str, ckpt))[:10]}. A plain CLIP weights file is loaded with clip.load instead.")
+    clip_sd, t2l_sd = published_to_ours(ckpt.get("model_state_dict", ckpt))
+    if clip_model is None:
+        try:
+            clip_model = build_model(clip_sd)
+        except Exception as e:  # a broken CLIP part gets the file's name
+            raise CheckpointError(f"{path}: the CLIP weights in this published checkpoint do not build a CLIP "
+                                  f"ViT: {e}") from e
+        clip_model.source_identity = {"name_or_path": str(path), "kind": "published-t2l"}
+    num_layers = len(clip_model.visual.transformer.resblocks)
+    num_frames, inferred = infer_published_options(t2l_sd, num_layers)
+    model = build_t2l(clip_model, num_frames=num_frames, **{**inferred, **options})
+    load_t2l_tensors(model, t2l_sd, source=str(path))
+    logger.info("loaded published T2L checkpoint %s (epoch %s, %d frames, temporal tokens %s)", path,
+                ckpt.get("epoch"), num_frames, inferred["temporal_tokens"])
+    return model
+
+
+def build_backbone(backbone: dict, source: str = "checkpoint") -> torch.nn.Module:
+    """Rebuild the frozen CLIP a checkpoint of ours names: a seeded random CLIP (demo, tests) or ``clip.load``."""
+    import clip
+
+    name = backbone.get("name_or_path")
+    if name is None:
+        raise CheckpointError(f"{source} does not say which CLIP it was trained on (no backbone.name_or_path); "
+                              f"pass the CLIP model explicitly")
+    if str(name).startswith("random"):
+        cfg = backbone.get("config")
+        if not cfg:
+            raise CheckpointError(f"{source}: a random-initialised backbone needs its config in the checkpoint")
+        return random_clip(cfg, int(backbone.get("seed", 0)))
+    model = clip.load(name)
+    expected = backbone.get("sha256")
+    found = (getattr(model, "source_identity", None) or {}).get("sha256")
+    if expected and found and expected != found:
+        raise CheckpointError(f"{source} was trained on CLIP {name} with SHA-256 {expected}, but the file found "
+                              f"now has SHA-256 {found}: the frozen weights differ, so the results would too")
+    return model
+
+
+def random_clip(config: dict, seed: int = 0) -> torch.nn.Module:
+    """A randomly initialised CLIP of the given sizes, the same on every machine for a seed (demo and tests).
+
+    The global RNG is left as it was, so building a model does not change the data order of a run.
+    """
+    from clip.model import CLIP, CLIPConfig
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = CLIP(CLIPConfig(**config)).eval()
+    model.source_identity = {"name_or_path": "random", "seed": seed, "config": dict(config)}
+    return model

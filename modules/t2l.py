@@ -1,0 +1,233 @@
+"""T2L: Temporal Token Learning and adapters on a frozen CLIP.
+
+The T2L blocks below do not copy CLIP's blocks: they call the frozen block's own ``ln_1``, ``attn``,
+``ln_2`` and ``mlp`` and add the temporal-token path and the adapter around them (METHOD.md, "What is added").
+Everything is batched over videos, frames and tokens; there is no Python loop over videos or frames.
+"""
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import asdict, dataclass, fields
+from typing import Iterator, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from .layers import Adapter, drop_path
+
+logger = logging.getLogger(__name__)
+
+TEMPORAL_TOKEN_MODES = ("deep", "shallow", "none")
+
+
+@dataclass
+class T2LOptions:
+    """What T2L adds to CLIP. The defaults are the published model (METHOD.md)."""
+
+    temporal_tokens: str = "deep"        # "deep": one set per vision block; "shallow": block 0 only; "none"
+    adapter_ratio: float = 0.25          # adapter hidden width = ratio * block width
+    vision_adapters: bool = True
+    text_adapters: bool = True
+    train_temporal_embedding: bool = False  # published: zero and frozen, kept for the checkpoint layout
+    prompt_dropout: float = 0.1          # dropout on the temporal tokens during training
+    drop_path_rate: float = 0.1          # stochastic depth, linspace(0, rate, layers) over the blocks
+    activation_checkpointing: bool = False
+
+    def __post_init__(self):
+        if self.temporal_tokens not in TEMPORAL_TOKEN_MODES:
+            raise ValueError(f"temporal_tokens must be one of {TEMPORAL_TOKEN_MODES}, got {self.temporal_tokens!r}")
+        if not 0.0 <= self.prompt_dropout < 1.0 or not 0.0 <= self.drop_path_rate < 1.0:
+            raise ValueError("prompt_dropout and drop_path_rate must lie in [0, 1)")
+        if self.adapter_ratio <= 0:
+            raise ValueError(f"adapter_ratio must be positive, got {self.adapter_ratio}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "T2LOptions":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"unknown T2L option(s) {unknown}; valid options: {sorted(known)}")
+        return cls(**values)
+
+
+def _linspace(end: float, n: int) -> list[float]:
+    """linspace(0, end, n) in plain Python (the rates are constants, not tensors)."""
+    return [end * i / (n - 1) if n > 1 else 0.0 for i in range(n)]
+
+
+def _temporal_token_init_bound(width: int) -> float:
+    # The published initialisation: uniform(-v, v), v = sqrt(6 / (3 * 16 * 16 + D)) (fixed 16x16 patch term).
+    return math.sqrt(6.0 / (3 * 16 * 16 + width))
+
+
+class T2L(nn.Module):
+    """A frozen CLIP driven as a video model with temporal tokens and adapters.
+
+    Build it with :func:`build_t2l`. ``encode_video`` takes (B, T, 3, H, W) clips normalised with CLIP's
+    mean/std and returns ``(video_emb (B, E), frame_emb (B, T, E))``; ``encode_text`` takes token ids.
+    """
+
+    def __init__(self, clip_model: nn.Module, num_frames: int = 8, options: Optional[T2LOptions] = None):
+        super().__init__()
+        options = options or T2LOptions()
+        if num_frames < 1:
+            raise ValueError(f"num_frames must be at least 1, got {num_frames}")
+        self.options = options
+        self.num_frames = num_frames
+        self.clip = clip_model
+        for p in self.clip.parameters():
+            p.requires_grad_(False)
+
+        visual = clip_model.visual
+        v_width, v_layers = visual.width, len(visual.transformer.resblocks)
+        t_width, t_layers = clip_model.transformer.width, len(clip_model.transformer.resblocks)
+
+        n_token_blocks = {"deep": v_layers, "shallow": 1, "none": 0}[options.temporal_tokens]
+        if n_token_blocks:
+            bound = _temporal_token_init_bound(v_width)
+            self.temporal_tokens = nn.Parameter(torch.empty(n_token_blocks, num_frames, v_width).uniform_(-bound, bound))
+        else:
+            self.register_parameter("temporal_tokens", None)
+        self.temporal_embedding = nn.Parameter(torch.zeros(1, num_frames, v_width),
+                                               requires_grad=options.train_temporal_embedding)
+        self.vision_adapters = (nn.ModuleList([Adapter(v_width, options.adapter_ratio) for _ in range(v_layers)])
+                                if options.vision_adapters else None)
+        self.text_adapters = (nn.ModuleList([Adapter(t_width, options.adapter_ratio) for _ in range(t_layers)])
+                              if options.text_adapters else None)
+        # Stochastic depth rates per block, shared by the two towers as published.
+        self.vision_drop_rates = _linspace(options.drop_path_rate, v_layers)
+        self.text_drop_rates = _linspace(options.drop_path_rate, t_layers)
+
+    # ------------------------------------------------------------------ parameters
+    def train(self, mode: bool = True) -> "T2L":
+        super().train(mode)
+        self.clip.eval()  # the frozen CLIP has no dropout, but keep it in eval mode whatever the caller does
+        return self
+
+    def trainable_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
+        """(name, parameter) for every parameter that is trained: never a CLIP weight."""
+        for name, p in self.named_parameters():
+            if p.requires_grad:
+                yield name, p
+
+    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
+        """The tensors that define T2L beyond the frozen CLIP (trainable ones plus the temporal embedding)."""
+        sd = {name: p.detach().clone() for name, p in self.named_parameters() if not name.startswith("clip.")}
+        return sd
+
+    def parameter_report(self) -> dict[str, int]:
+        """Counts: total, trainable, and the trainable breakdown by T2L component."""
+        def count(params) -> int:
+            return sum(p.numel() for p in params)
+
+        trainable = dict(self.trainable_parameters())
+        groups = {
+            "temporal_tokens": count(p for n, p in trainable.items() if n == "temporal_tokens"),
+            "vision_adapters": count(p for n, p in trainable.items() if n.startswith("vision_adapters.")),
+            "text_adapters": count(p for n, p in trainable.items() if n.startswith("text_adapters.")),
+        }
+        groups["other"] = count(trainable.values()) - sum(groups.values())
+        return {"total": count(self.parameters()), "trainable": count(trainable.values()), **groups}
+
+    def log_parameter_report(self) -> dict[str, int]:
+        report = self.parameter_report()
+        logger.info("T2L parameters: total %s, trainable %s (temporal tokens %s, vision adapters %s, "
+                    "text adapters %s, other %s)", *(f"{report[k]:,}" for k in
+                    ("total", "trainable", "temporal_tokens", "vision_adapters", "text_adapters", "other")))
+        return report
+
+    # ------------------------------------------------------------------ vision
+    def _vision_block(self, index: int, x: torch.Tensor, batch: int) -> torch.Tensor:
+        """One vision block. x: (B*T, N, D) -> (B*T, N, D)."""
+        block = self.clip.visual.transformer.resblocks[index]
+        rate = self.vision_drop_rates[index]
+        BT, N, D = x.shape
+        T = BT // batch
+        tokens = self.temporal_tokens
+        if tokens is not None and index < tokens.shape[0]:
+            prompt = F.dropout(tokens[index], self.options.prompt_dropout, self.training).to(x.dtype)
+            # Per frame: its temporal token plus the mean of its N tokens. (B*T, N, D) -> (B, T, D)
+            s = x.view(batch, T, N, D).mean(dim=2) + prompt
+            # The T frame summaries of each video attend to each other through the block's frozen attention.
+            u = drop_path(block.attn(block.ln_1(s)), rate, self.training)
+            # Frame t sees its summary u[b, t] as an extra token; its output is dropped afterwards.
+            xu = torch.cat([x, u.reshape(BT, 1, D)], dim=1)  # (B*T, N+1, D)
+            x = x + drop_path(block.attn(block.ln_1(xu))[:, :N], rate, self.training)
+        else:
+            x = x + drop_path(block.attn(block.ln_1(x)), rate, self.training)
+        if self.vision_adapters is not None:
+            x = x + self.vision_adapters[index](x)
+        return x + drop_path(block.mlp(block.ln_2(x)), rate, self.training)
+
+    def encode_video(self, videos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Clips (B, T, 3, H, W) -> (video_emb (B, E), frame_emb (B, T, E)), not normalised."""
+        if videos.ndim != 5 or videos.shape[2] != 3:
+            raise ValueError(f"expected videos of shape (B, T, 3, H, W), got {tuple(videos.shape)}")
+        B, T = videos.shape[:2]
+        if T != self.num_frames:
+            raise ValueError(
+                f"the videos have {T} frames but this T2L model was built for {self.num_frames}: temporal_tokens "
+                f"{self._shape(self.temporal_tokens)}, temporal_embedding {tuple(self.temporal_embedding.shape)}; "
+                f"sample {self.num_frames} frames per clip (data.num_frames) or build the model for {T}")
+        visual = self.clip.visual
+        x = visual.embed(videos.flatten(0, 1))  # (B*T, 3, H, W) -> (B*T, N, D)
+        N, D = x.shape[1:]
+        # The temporal embedding is added to every token of frame t. (B*T, N, D) -> (B, T, N, D)
+        x = x.view(B, T, N, D) + self.temporal_embedding.to(x.dtype)[:, :, None, :]
+        x = visual.ln_pre(x.view(B * T, N, D))
+        for i in range(len(visual.transformer.resblocks)):
+            if self.options.activation_checkpointing and self.training and torch.is_grad_enabled():
+                x = checkpoint(self._vision_block, i, x, B, use_reentrant=False)
+            else:
+                x = self._vision_block(i, x, B)
+        frame_emb = visual.head(x).view(B, T, -1)  # (B*T, E) -> (B, T, E)
+        return frame_emb.mean(dim=1), frame_emb
+
+    # ------------------------------------------------------------------ text
+    def _text_block(self, index: int, x: torch.Tensor) -> torch.Tensor:
+        block = self.clip.transformer.resblocks[index]
+        rate = self.text_drop_rates[index]
+        x = x + drop_path(block.attn(block.ln_1(x), is_causal=True), rate, self.training)
+        if self.text_adapters is not None:
+            x = x + self.text_adapters[index](x)
+        return x + drop_path(block.mlp(block.ln_2(x)), rate, self.training)
+
+    def encode_text(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Token ids (N, L) from ``clip.tokenize`` -> text embeddings (N, E), not normalised."""
+        x = self.clip.embed_text(tokens)
+        for i in range(len(self.clip.transformer.resblocks)):
+            if self.options.activation_checkpointing and self.training and torch.is_grad_enabled():
+                x = checkpoint(self._text_block, i, x, use_reentrant=False)
+            else:
+                x = self._text_block(i, x)
+        return self.clip.text_head(x, tokens)
+
+    @property
+    def logit_scale(self) -> torch.Tensor:
+        return self.clip.logit_scale
+
+    @property
+    def embed_dim(self) -> int:
+        return self.clip.visual.output_dim
+
+    @staticmethod
+    def _shape(t: Optional[torch.Tensor]):
+        return None if t is None else tuple(t.shape)
+
+
+def build_t2l(clip_model: nn.Module, num_frames: int = 8, **options) -> T2L:
+    """Wrap a CLIP model (from ``clip.load`` or ``clip.build_model``) as T2L; its weights are frozen.
+
+    ``options`` are the fields of :class:`T2LOptions` (``temporal_tokens="deep"|"shallow"|"none"``,
+    ``adapter_ratio``, ``vision_adapters``, ``text_adapters``, ``train_temporal_embedding``, ``prompt_dropout``,
+    ``drop_path_rate``, ``activation_checkpointing``). The parameter report is logged.
+    """
+    model = T2L(clip_model, num_frames=num_frames, options=T2LOptions.from_dict(options))
+    model.log_parameter_report()
+    return model

@@ -1,0 +1,255 @@
+"""T2L model, losses and checkpoints (issue 3): tiny random CLIPs, properties that catch real bugs."""
+import math
+
+import pytest
+import torch
+
+from clip.model import CLIP, CLIPConfig
+from modules import (CheckpointError, T2LLoss, alignment_loss, build_t2l, load_t2l, make_checkpoint,
+                     ours_to_published, random_clip, tfd_loss)
+from modules.checkpoint import load_t2l_tensors
+from utils.checkpoint import atomic_save
+
+TINY = dict(embed_dim=32, image_resolution=32, vision_layers=2, vision_width=128, vision_patch_size=8,
+            context_length=16, vocab_size=100, transformer_width=64, transformer_heads=1, transformer_layers=2,
+            vision_heads=2)  # heads = width // 64, as OpenAI's loader infers them
+VIT_B_16 = dict(embed_dim=512, image_resolution=224, vision_layers=12, vision_width=768, vision_patch_size=16,
+                context_length=77, vocab_size=49408, transformer_width=512, transformer_heads=8,
+                transformer_layers=12, vision_heads=12)
+
+
+def tiny_clip(seed=0):
+    clip_model = random_clip(TINY, seed)
+    torch.manual_seed(seed)
+    with torch.no_grad():  # make LayerNorm and biases non-trivial so that mix-ups show
+        for name, p in clip_model.named_parameters():
+            if name.endswith(("ln_1.weight", "ln_2.weight", "ln_pre.weight", "ln_post.weight", "ln_final.weight")):
+                p.add_(0.1 * torch.randn_like(p))
+            elif name.endswith("bias"):
+                p.add_(0.02 * torch.randn_like(p))
+    return clip_model
+
+
+def randomise_t2l(model, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if not name.startswith("clip."):
+                p.copy_(0.05 * torch.randn(p.shape, generator=g))
+    return model
+
+
+def text_tokens(n, length=16, vocab=100, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    tokens = torch.randint(1, vocab - 1, (n, length), generator=g)
+    for i in range(n):  # EOT (the largest id) at a varying position, zeros after it
+        eot = 3 + i % (length - 3)
+        tokens[i, eot] = vocab - 1
+        tokens[i, eot + 1:] = 0
+    return tokens
+
+
+def videos(b=2, t=8, size=32, seed=0):
+    return torch.randn(b, t, 3, size, size, generator=torch.Generator().manual_seed(seed))
+
+
+def test_vit_b16_has_exactly_the_published_trainable_parameter_count():
+    with torch.device("meta"):
+        model = build_t2l(CLIP(CLIPConfig(**VIT_B_16)), num_frames=8)
+    report = model.parameter_report()
+    assert report["temporal_tokens"] == 73_728
+    assert report["vision_adapters"] == 3_550_464
+    assert report["text_adapters"] == 1_580_544
+    assert report["other"] == 0
+    assert report["trainable"] == 5_204_736
+
+
+def test_shallow_and_no_token_variants_count():
+    with torch.device("meta"):
+        shallow = build_t2l(CLIP(CLIPConfig(**VIT_B_16)), num_frames=8, temporal_tokens="shallow")
+        none = build_t2l(CLIP(CLIPConfig(**VIT_B_16)), num_frames=8, temporal_tokens="none", text_adapters=False)
+    assert shallow.parameter_report()["temporal_tokens"] == 8 * 768
+    assert none.parameter_report()["trainable"] == 3_550_464
+
+
+def test_identity_initialisation_equals_plain_clip():
+    clip_model = tiny_clip()
+    model = build_t2l(clip_model, num_frames=8, temporal_tokens="none").eval()
+    x = videos()
+    tokens = text_tokens(5)
+    with torch.no_grad():
+        video_emb, frame_emb = model.encode_video(x)
+        ref = clip_model.encode_image(x.flatten(0, 1)).view(2, 8, -1)
+        assert (frame_emb - ref).abs().max() < 1e-6
+        assert (video_emb - ref.mean(1)).abs().max() < 1e-6
+        assert (model.encode_text(tokens) - clip_model.encode_text(tokens)).abs().max() < 1e-6
+
+
+def test_temporal_tokens_change_the_output_and_trained_adapters_too():
+    clip_model = tiny_clip()
+    model = build_t2l(clip_model, num_frames=8).eval()
+    x = videos()
+    with torch.no_grad():
+        _, frame_emb = model.encode_video(x)
+        ref = clip_model.encode_image(x.flatten(0, 1)).view(2, 8, -1)
+    assert (frame_emb - ref).abs().max() > 1e-4
+
+
+def test_batch_independence_and_frame_order_sensitivity():
+    model = randomise_t2l(build_t2l(tiny_clip(), num_frames=8)).eval()
+    x = videos(3)
+    other = x.clone()
+    other[1:] = videos(2, seed=5)  # change every other video in the batch
+    with torch.no_grad():
+        a, fa = model.encode_video(x)
+        b, fb = model.encode_video(other)
+        alone, _ = model.encode_video(x[:1])
+        rev, _ = model.encode_video(x.flip(1))
+    assert torch.allclose(a[0], b[0], atol=1e-5) and torch.allclose(fa[0], fb[0], atol=1e-5)
+    assert torch.allclose(a[0], alone[0], atol=1e-5)
+    assert (rev[0] - a[0]).abs().max() > 1e-4  # temporal tokens see the order of the frames
+
+
+def test_a_frame_sees_the_other_frames_of_its_own_video_only():
+    model = randomise_t2l(build_t2l(tiny_clip(), num_frames=8)).eval()
+    x = videos(2)
+    y = x.clone()
+    y[0, 5] = torch.randn(3, 32, 32)  # change one frame of video 0
+    with torch.no_grad():
+        _, fx = model.encode_video(x)
+        _, fy = model.encode_video(y)
+    assert (fx[0, 0] - fy[0, 0]).abs().max() > 1e-5  # frame 0 depends on frame 5 through the temporal tokens
+    assert torch.allclose(fx[1], fy[1], atol=1e-6)  # the other video does not
+
+
+def test_only_trainable_parameters_get_gradients():
+    model = randomise_t2l(build_t2l(tiny_clip(), num_frames=8)).train()
+    video_emb, frame_emb = model.encode_video(videos())
+    text_emb = model.encode_text(text_tokens(2))
+    loss, _ = T2LLoss()(video_emb, frame_emb, text_emb, torch.tensor([0, 1]), model.logit_scale)
+    loss.backward()
+    trainable = dict(model.trainable_parameters())
+    assert set(trainable) == {n for n, _ in model.named_parameters() if not n.startswith("clip.")} - {
+        "temporal_embedding"}
+    for name, p in model.named_parameters():
+        if name in trainable:
+            assert p.grad is not None and p.grad.abs().sum() > 0, name
+        else:
+            assert p.grad is None, name
+
+
+def test_activation_checkpointing_gives_the_same_gradients():
+    torch.manual_seed(0)
+    a = randomise_t2l(build_t2l(tiny_clip(), num_frames=8, prompt_dropout=0.0, drop_path_rate=0.0)).train()
+    b = randomise_t2l(build_t2l(tiny_clip(), num_frames=8, prompt_dropout=0.0, drop_path_rate=0.0,
+                                activation_checkpointing=True)).train()
+    x = videos()
+    grads = []
+    for m in (a, b):
+        v, f = m.encode_video(x)
+        (v.square().sum() + m.encode_text(text_tokens(2)).square().sum()).backward()
+        grads.append({n: p.grad.clone() for n, p in m.trainable_parameters()})
+    for n in grads[0]:
+        assert torch.allclose(grads[0][n], grads[1][n], atol=1e-6), n
+
+
+def test_tfd_loss_by_hand():
+    f = torch.tensor([[[0.0, 1.0], [2.0, 1.0], [4.0, 4.0]]])  # (B=1, T=3, E=2)
+    # central differences with replicated ends: t0: f1-f0, t1: f2-f0, t2: f2-f1; |.|/2 then mean
+    diffs = torch.tensor([[2.0, 0.0], [4.0, 3.0], [2.0, 3.0]]) / 2
+    c = diffs.mean()
+    v = torch.tensor([[0.0, 2.0, 4.0], [1.0, 1.0, 4.0]]).var(dim=1, unbiased=True).mean()
+    assert math.isclose(tfd_loss(f).item(), (1 / (1 + c + v)).item(), rel_tol=1e-6)
+    assert math.isclose(c.item(), 14 / 12, rel_tol=1e-6)
+    assert math.isclose(v.item(), (4.0 + 3.0) / 2, rel_tol=1e-6)
+
+
+def test_alignment_loss_by_hand_with_tied_labels():
+    v = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]])
+    w = torch.tensor([[1.0, 0.0], [0.0, 2.0], [1.0, 0.0]])
+    labels = torch.tensor([3, 7, 3])  # videos 0 and 2 share a label: positives of each other
+    scale = math.log(100.0)
+    vn = v / v.norm(dim=1, keepdim=True)
+    wn = w / w.norm(dim=1, keepdim=True)
+    logits = 100.0 * vn @ wn.t()
+    g = torch.tensor([[1.0, 0, 1], [0, 1, 0], [1, 0, 1]])
+    q = torch.softmax(10 * g, dim=1)
+
+    def kl(q, logits):
+        p = torch.log_softmax(logits, dim=1)
+        return (q * (q.log() - p)).sum(1).mean()
+
+    expected = (kl(q, logits) + kl(q, logits.t())) / 2
+    got = alignment_loss(v, w, labels, torch.tensor(scale))
+    assert math.isclose(got.item(), expected.item(), rel_tol=1e-5)
+    # a target that treated the tie as a negative would give a different value
+    q_wrong = torch.softmax(10 * torch.eye(3), dim=1)
+    assert abs(((kl(q_wrong, logits) + kl(q_wrong, logits.t())) / 2).item() - got.item()) > 1e-3
+
+
+def test_wrong_number_of_frames_and_resolution_are_clear_errors():
+    model = build_t2l(tiny_clip(), num_frames=8)
+    with pytest.raises(ValueError, match=r"16 frames.*built for 8.*temporal_tokens \(2, 8, 128\)"):
+        model.encode_video(videos(t=16))
+    with pytest.raises(ValueError, match=r"48x48.*positional embedding \(17, 128\)"):
+        model.encode_video(videos(size=48))
+
+
+def published_checkpoint(model, path, prefix="module."):
+    sd = {prefix + k: v.half() for k, v in ours_to_published(model).items()}
+    atomic_save({"epoch": 3, "model_state_dict": sd, "optimizer_state_dict": {}}, path)
+
+
+def test_published_checkpoint_round_trip(tmp_path):
+    model = randomise_t2l(build_t2l(tiny_clip(), num_frames=8)).eval()
+    # the published files are fp16: compare against a model whose weights went through fp16 too
+    for p in model.parameters():
+        p.data = p.data.half().float()
+    path = tmp_path / "published.pth"
+    published_checkpoint(model, path)
+    loaded = load_t2l(path).eval()
+    x, tokens = videos(), text_tokens(3)
+    with torch.no_grad():
+        assert torch.equal(model.encode_video(x)[1], loaded.encode_video(x)[1])
+        assert torch.equal(model.encode_text(tokens), loaded.encode_text(tokens))
+    # ours -> file -> published layout -> file gives the same model again
+    ours = tmp_path / "ours.pt"
+    atomic_save(make_checkpoint(loaded, backbone={"name_or_path": "unused"}), ours)
+    again = load_t2l(ours, clip_model=loaded.clip).eval()
+    published_checkpoint(again, tmp_path / "again.pth", prefix="")
+    final = load_t2l(tmp_path / "again.pth").eval()
+    with torch.no_grad():
+        assert torch.equal(final.encode_video(x)[0], model.encode_video(x)[0])
+
+
+def test_published_checkpoint_key_set_is_exactly_the_published_layout():
+    model = build_t2l(tiny_clip(), num_frames=8)
+    keys = set(ours_to_published(model))
+    assert "visual.transformer.T_prompt_embeddings" in keys and "visual.temporal_embedding" in keys
+    assert "visual.transformer.resblocks.1.Adapter.D_fc2.bias" in keys
+    assert "transformer.resblocks.0.Adapter.D_fc1.weight" in keys
+    assert keys - set(model.clip.state_dict()) == {
+        "visual.transformer.T_prompt_embeddings", "visual.temporal_embedding",
+        *(f"{t}transformer.resblocks.{i}.Adapter.D_fc{j}.{w}" for t in ("visual.", "") for i in range(2)
+          for j in (1, 2) for w in ("weight", "bias"))}
+
+
+def test_checkpoint_with_other_frame_count_is_a_clear_error(tmp_path):
+    model16 = build_t2l(tiny_clip(), num_frames=16)
+    model8 = build_t2l(tiny_clip(), num_frames=8)
+    with pytest.raises(CheckpointError, match=r"temporal_tokens: checkpoint shape \(2, 16, 128\) != model shape "
+                                              r"\(2, 8, 128\).*16 frames"):
+        load_t2l_tensors(model8, model16.trainable_state_dict(), source="x.pt")
+    sd = model8.trainable_state_dict()
+    sd.pop("vision_adapters.0.up.bias")
+    sd["extra.weight"] = torch.zeros(1)
+    with pytest.raises(CheckpointError, match=r"missing tensors: vision_adapters.0.up.bias.*unexpected tensors: "
+                                              r"extra.weight"):
+        load_t2l_tensors(model8, sd, source="x.pt")
+
+
+def test_not_a_t2l_checkpoint_is_refused(tmp_path):
+    path = tmp_path / "plain.pt"
+    torch.save({"weight": torch.zeros(2)}, path)
+    with pytest.raises(CheckpointError, match="neither a T2L checkpoint"):
+        load_t2l(path)

@@ -1,0 +1,135 @@
+"""Checkpoint files: atomic writes and safe reads.
+
+A checkpoint is written to a temporary file in the same folder, flushed to disk, then renamed over the final
+name, so a crash (or a full disk) mid-write leaves the previous file intact and a partial file is never picked
+up. Reads use ``torch.load(weights_only=True)``, which runs no code from the file; a file that needs full
+unpickling is refused unless the caller says it trusts it.
+"""
+from __future__ import annotations
+
+import io
+import logging
+import os
+import pickle
+import tempfile
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+
+class UnsafeCheckpointError(RuntimeError):
+    """The file needs full unpickling (it could run code); refused unless trusted explicitly."""
+
+
+def atomic_save(obj: Any, path: str | Path) -> None:
+    """``torch.save`` to ``path`` atomically: temp file in the same folder, fsync, rename.
+
+    On failure (e.g. no space left) the temp file is removed, any previous ``path`` is untouched, and the
+    error says which file could not be written.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException as e:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        if isinstance(e, Exception):
+            raise OSError(f"could not write checkpoint {path}: {e}; the previous file (if any) is unchanged") from e
+        raise
+    _fsync_dir(path.parent)
+
+
+def _fsync_dir(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def safe_load(path: str | Path, trust: bool = False, map_location: str = "cpu") -> Any:
+    """Read a torch file with ``weights_only=True``; clear errors for missing, empty, truncated or unsafe files.
+
+    ``trust=True`` allows full unpickling, which can execute code from the file: only for files you made.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    if path.is_dir():
+        raise IsADirectoryError(f"expected a checkpoint file, got a folder: {path}")
+    if path.stat().st_size == 0:
+        raise ValueError(f"checkpoint {path} is empty (0 bytes): an interrupted copy or download?")
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        if not trust:
+            raise UnsafeCheckpointError(
+                f"{path} is not a plain weights file: loading it needs full unpickling, which can run arbitrary "
+                f"code ({str(e).splitlines()[0][:200]}). If you made this file yourself or trust its source, pass "
+                f"--trust-checkpoint (trust=True); otherwise re-save it as a state dict or safetensors.") from e
+        logger.warning("loading %s with full unpickling because it was marked as trusted", path)
+        return torch.load(path, map_location=map_location, weights_only=False)
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as e:
+        raise ValueError(f"checkpoint {path} could not be read: it is truncated or not a PyTorch file "
+                         f"({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''})") from e
+
+
+def rng_state() -> dict:
+    """Every RNG the training loop uses, as tensors and plain Python values (``weights_only``-loadable)."""
+    import random
+
+    import numpy as np
+
+    np_state = np.random.get_state()
+    state = {
+        "python": random.getstate(),
+        "numpy": {"key": torch.from_numpy(np_state[1].astype("int64")), "pos": int(np_state[2]),
+                  "has_gauss": int(np_state[3]), "cached_gaussian": float(np_state[4])},
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    """Restore what :func:`rng_state` saved."""
+    import random
+
+    import numpy as np
+
+    random.setstate(_to_tuple(state["python"]))
+    n = state["numpy"]
+    np.random.set_state(("MT19937", n["key"].numpy().astype("uint32"), n["pos"], n["has_gauss"],
+                         n["cached_gaussian"]))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _to_tuple(x):
+    return tuple(_to_tuple(i) for i in x) if isinstance(x, (list, tuple)) else x
+
+
+def bytes_of(obj: Any) -> bytes:
+    """Serialise ``obj`` with ``torch.save`` into memory (used to compare checkpoints in tests)."""
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    return buf.getvalue()
