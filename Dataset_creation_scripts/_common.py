@@ -1,0 +1,379 @@
+"""Small helpers shared by the scripts in Dataset_creation_scripts/.
+
+The scripts are run as ``python Dataset_creation_scripts/<script>.py``; Python then puts this
+folder first on ``sys.path``, so ``import _common`` works without any package set-up. Library code
+(clip/, modules/, datasets/, utils/) must never import from this folder.
+
+What lives here: class-list reading and class-name matching, the manifest written by
+extract_frames.py, list files (``<frames folder> <num_frames> <label id>``), atomic text writes and
+the error type that names a file and a line.
+"""
+
+from __future__ import annotations
+
+import csv
+import difflib
+import logging
+import os
+import re
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple
+
+logger = logging.getLogger(__name__)
+
+MANIFEST_NAME = "manifest.txt"
+FAILURES_NAME = "failures.txt"
+
+
+class InputFormatError(ValueError):
+    """A user-supplied file is not in the expected format; the message names the file and line."""
+
+    def __init__(self, path, lineno: Optional[int], message: str):
+        where = f"{path}:{lineno}" if lineno is not None else f"{path}"
+        super().__init__(f"{where}: {message}")
+        self.path = str(path)
+        self.lineno = lineno
+
+
+def setup_logging(verbose: bool = False) -> None:
+    """Configure console logging for a command-line script (never called by library code)."""
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
+
+
+def run_cli(main_fn, argv=None) -> int:
+    """Run ``main_fn(argv)`` and turn the expected user errors into one clear message and exit code 2."""
+    try:
+        return int(main_fn(argv) or 0)
+    except (InputFormatError, FileNotFoundError, NotADirectoryError, ValueError, RuntimeError) as exc:
+        logging.getLogger("main").error("%s", exc)
+        return 2
+
+
+# --------------------------------------------------------------------------------------------
+# Atomic writes
+# --------------------------------------------------------------------------------------------
+def atomic_write_text(path, text: str) -> None:
+    """Write ``text`` to ``path`` so that readers see either the old file or the complete new one.
+
+    The text goes to a temporary file in the same folder, is fsync'ed, then renamed over ``path``
+    (rename within one file system is atomic on POSIX).
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".tmp-{path.name}-", dir=str(path.parent))
+    try:
+        # mkstemp creates the file 0600; give it the mode an ordinary open() would have.
+        os.fchmod(fd, path.stat().st_mode & 0o777 if path.exists() else 0o666 & ~_umask())
+        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def write_lines_atomic(path, lines: Iterable[str]) -> int:
+    """Write ``lines`` (without newlines) atomically, one per line; returns the number written."""
+    lines = list(lines)
+    atomic_write_text(path, "".join(line + "\n" for line in lines))
+    return len(lines)
+
+
+# --------------------------------------------------------------------------------------------
+# Class lists and name matching
+# --------------------------------------------------------------------------------------------
+def read_classes_csv(path) -> List[str]:
+    """Read a class list CSV with header ``id,name`` and ids 0..K-1; returns the names indexed by id."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"class list not found: {path}")
+    with open(path, newline="", encoding="utf-8") as f:
+        reader = csv.reader(f)
+        rows = list(reader)
+    if not rows:
+        raise InputFormatError(path, 1, "empty file; expected a header 'id,name'")
+    header = [h.strip().lower() for h in rows[0]]
+    if header[:2] != ["id", "name"]:
+        raise InputFormatError(path, 1, f"expected the header 'id,name', got {','.join(rows[0])!r}")
+    by_id: Dict[int, str] = {}
+    for lineno, row in enumerate(rows[1:], start=2):
+        if not row or all(not c.strip() for c in row):
+            continue
+        if len(row) < 2:
+            raise InputFormatError(path, lineno, f"expected '<id>,<name>', got {','.join(row)!r}")
+        try:
+            cid = int(row[0])
+        except ValueError:
+            raise InputFormatError(path, lineno, f"class id {row[0]!r} is not an integer") from None
+        if cid in by_id:
+            raise InputFormatError(path, lineno, f"class id {cid} appears twice")
+        name = ",".join(row[1:]).strip() if len(row) > 2 else row[1].strip()
+        if not name:
+            raise InputFormatError(path, lineno, "empty class name")
+        by_id[cid] = name
+    if not by_id:
+        raise InputFormatError(path, None, "no classes listed")
+    if sorted(by_id) != list(range(len(by_id))):
+        missing = sorted(set(range(len(by_id))) - set(by_id))
+        raise InputFormatError(path, None, f"class ids must be 0..{len(by_id) - 1}; missing {missing[:10]}")
+    names = [by_id[i] for i in range(len(by_id))]
+    dup = _first_duplicate(names)
+    if dup is not None:
+        raise InputFormatError(path, None, f"class name {dup!r} appears twice")
+    return names
+
+
+def write_classes_csv(path, names: Sequence[str]) -> None:
+    """Write an ``id,name`` class list (ids 0..K-1 in the given order), quoting where CSV needs it."""
+    import io
+
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(["id", "name"])
+    for i, n in enumerate(names):
+        w.writerow([i, n])
+    atomic_write_text(path, buf.getvalue())
+
+
+def _first_duplicate(items: Sequence[str]) -> Optional[str]:
+    seen = set()
+    for x in items:
+        if x in seen:
+            return x
+        seen.add(x)
+    return None
+
+
+_NORM_DROP = re.compile(r"[\s_\-]+")
+
+
+def normalize_class_name(name: str) -> str:
+    """The key used for tolerant class-name matching: case-folded, spaces/underscores/hyphens removed.
+
+    This is what makes the documented variants meet: UCF-101's ``HandstandPushups`` (classInd.txt)
+    and ``HandStandPushups`` (file names), CamelCase ``ApplyEyeMakeup`` and spaced ``Apply Eye Makeup``,
+    HMDB-51's ``brush_hair`` (split file names) and ``brush hair``, and Kinetics folders written with
+    underscores. Nothing else is assumed: other differences are reported, never guessed.
+    """
+    return _NORM_DROP.sub("", name.casefold())
+
+
+class ClassMatcher:
+    """Map class names from official files onto the ids of a class list.
+
+    Exact names match first, then the :func:`normalize_class_name` key; a key shared by two
+    classes of the list is an error at construction.
+    """
+
+    def __init__(self, names: Sequence[str], source: str = "class list"):
+        self.names = list(names)
+        self.source = source
+        self._exact = {n: i for i, n in enumerate(self.names)}
+        self._norm: Dict[str, int] = {}
+        for i, n in enumerate(self.names):
+            key = normalize_class_name(n)
+            if key in self._norm:
+                raise ValueError(
+                    f"{source}: classes {self.names[self._norm[key]]!r} and {n!r} are the same name "
+                    "once case, spaces, underscores and hyphens are ignored; rename one"
+                )
+            self._norm[key] = i
+
+    def lookup(self, name: str) -> Optional[int]:
+        """The id of ``name`` or None."""
+        if name in self._exact:
+            return self._exact[name]
+        return self._norm.get(normalize_class_name(name))
+
+    def suggest(self, name: str, n: int = 3) -> List[str]:
+        """Up to ``n`` class names of the list that look like ``name`` (for error messages)."""
+        keys = list(self._norm)
+        close = difflib.get_close_matches(normalize_class_name(name), keys, n=n, cutoff=0.6)
+        return [self.names[self._norm[k]] for k in close]
+
+    def resolve(self, names: Iterable[str], what: str) -> Dict[str, int]:
+        """Map every name to an id, or raise one error listing every unknown name with suggestions."""
+        out: Dict[str, int] = {}
+        unknown: List[str] = []
+        for n in names:
+            if n in out:
+                continue
+            cid = self.lookup(n)
+            if cid is None:
+                unknown.append(n)
+            else:
+                out[n] = cid
+                if n != self.names[cid]:
+                    logger.debug("class %r matched %r of %s", n, self.names[cid], self.source)
+        if unknown:
+            parts = []
+            for n in unknown[:20]:
+                sug = self.suggest(n)
+                parts.append(f"{n!r}" + (f" (did you mean {', '.join(map(repr, sug))}?)" if sug else ""))
+            more = f" and {len(unknown) - 20} more" if len(unknown) > 20 else ""
+            raise ValueError(
+                f"{len(unknown)} {what} not found in {self.source} "
+                f"(compared ignoring case, spaces, underscores and hyphens): {'; '.join(parts)}{more}"
+            )
+        return out
+
+
+# --------------------------------------------------------------------------------------------
+# Manifest and list files
+# --------------------------------------------------------------------------------------------
+def parse_folder_count(line: str) -> Tuple[str, int]:
+    """Split a manifest line ``<folder> <num_frames>``; the folder may contain spaces."""
+    folder, _, count = line.rstrip("\n").rpartition(" ")
+    if not folder or not count.isdigit():
+        raise ValueError(f"expected '<folder> <num_frames>', got {line.rstrip(chr(10))!r}")
+    return folder, int(count)
+
+
+def read_manifest(path, strict: bool = True) -> Dict[str, int]:
+    """Read ``manifest.txt`` written by extract_frames.py into ``{folder: num_frames}``.
+
+    A last line without a newline is what a killed writer leaves behind; it is ignored. With
+    ``strict`` a malformed complete line raises :class:`InputFormatError`, otherwise it is skipped.
+    A folder listed twice keeps its last count.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"manifest not found: {path} (run extract_frames.py first)")
+    out: Dict[str, int] = {}
+    with open(path, encoding="utf-8", newline="") as f:
+        data = f.read()
+    lines = data.split("\n")
+    complete = lines[:-1]  # the part after the last "\n" is either "" or an unfinished line
+    if lines[-1]:
+        logger.warning("%s: ignoring an unfinished last line %r", path, lines[-1][:80])
+    for lineno, line in enumerate(complete, start=1):
+        if not line.strip():
+            continue
+        try:
+            folder, n = parse_folder_count(line)
+        except ValueError as exc:
+            if strict:
+                raise InputFormatError(path, lineno, str(exc)) from None
+            logger.warning("%s:%d: skipping malformed line %r", path, lineno, line[:80])
+            continue
+        out[folder] = n
+    return out
+
+
+def format_list_line(folder: str, num_frames: int, label: int) -> str:
+    """One list-file line ``<frames folder> <num_frames> <label id>``."""
+    return f"{folder} {num_frames} {label}"
+
+
+def read_list_file(path) -> List[Tuple[str, int, int]]:
+    """Read a list file ``<folder> <num_frames> <label>`` (the folder may contain spaces)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"list file not found: {path}")
+    out = []
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, start=1):
+            line = line.rstrip("\n")
+            if not line.strip():
+                continue
+            parts = line.rsplit(" ", 2)
+            if len(parts) != 3 or not parts[0] or not parts[1].isdigit() or not _is_int(parts[2]):
+                raise InputFormatError(path, lineno, f"expected '<folder> <num_frames> <label id>', got {line!r}")
+            out.append((parts[0], int(parts[1]), int(parts[2])))
+    return out
+
+
+def _is_int(s: str) -> bool:
+    try:
+        int(s)
+        return True
+    except ValueError:
+        return False
+
+
+@dataclass
+class JoinReport:
+    """What a join of split entries with the manifest found."""
+
+    found: int = 0
+    missing: List[str] = None  # type: ignore[assignment]
+
+    def __post_init__(self):
+        if self.missing is None:
+            self.missing = []
+
+
+class ManifestIndex:
+    """Find the extracted frames folder of a video named in an official split file.
+
+    Official split files name videos in several ways (``Class/v_x.avi``, ``x.avi``, a YouTube id
+    plus times, a numeric id), and users extract from the dataset root or from a folder above it,
+    flat or in class folders. The join key is therefore the video's file stem (the last path
+    component without extension); when several folders share a stem, the expected parent
+    folder(s) decide, and a tie that remains is an error rather than a guess.
+    """
+
+    def __init__(self, manifest: Dict[str, int], manifest_path: str = "manifest"):
+        self.manifest = manifest
+        self.manifest_path = manifest_path
+        self._by_stem: Dict[str, List[str]] = {}
+        for folder in manifest:
+            stem = folder.rsplit("/", 1)[-1]
+            self._by_stem.setdefault(stem, []).append(folder)
+
+    def find(self, stem: str, parents: Sequence[str] = ()) -> Optional[str]:
+        """The manifest folder of the video with file stem ``stem``, or None if not extracted.
+
+        ``parents`` are folder names expected above the video, nearest last (e.g. ``["ApplyEyeMakeup"]``);
+        they only break ties, compared with :func:`normalize_class_name`.
+        """
+        cands = self._by_stem.get(stem)
+        if not cands:
+            return None
+        if len(cands) == 1:
+            return cands[0]
+        want = [normalize_class_name(p) for p in parents if p]
+        if want:
+            narrowed = []
+            for c in cands:
+                comps = [normalize_class_name(x) for x in c.split("/")[:-1]]
+                if comps[-len(want):] == want:
+                    narrowed.append(c)
+            if len(narrowed) == 1:
+                return narrowed[0]
+            if narrowed:
+                cands = narrowed
+        raise ValueError(
+            f"{self.manifest_path}: video {stem!r} was extracted more than once "
+            f"({', '.join(sorted(cands)[:5])}); extract only the dataset you are building lists for"
+        )
+
+
+def report_missing(missing: Sequence[str], what: str, strict: bool, sample: int = 5) -> None:
+    """Log (or, with ``strict``, raise) the videos of a split that have no extracted frames."""
+    if not missing:
+        return
+    msg = (
+        f"{len(missing)} {what} have no frames in the manifest and are left out; "
+        f"first {min(sample, len(missing))}: {', '.join(missing[:sample])}"
+    )
+    if strict:
+        raise ValueError(msg + " (--strict makes this an error)")
+    logger.warning("%s", msg)
