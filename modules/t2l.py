@@ -208,6 +208,11 @@ class T2L(nn.Module):
                 x = self._text_block(i, x)
         return self.clip.text_head(x, tokens)
 
+    def forward(self, videos: torch.Tensor, tokens: torch.Tensor):
+        """Training entry point (what DDP wraps): (video_emb (B, E), frame_emb (B, T, E), text_emb (N, E))."""
+        video_emb, frame_emb = self.encode_video(videos)
+        return video_emb, frame_emb, self.encode_text(tokens)
+
     @property
     def logit_scale(self) -> torch.Tensor:
         return self.clip.logit_scale

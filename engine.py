@@ -1,0 +1,244 @@
+"""What train.py, test.py and predict.py share: building the model from a config, and scoring videos.
+
+Scoring (METHOD.md): text embeddings of every class text are computed once per evaluation; each video view
+(clips x crops) gets class probabilities softmax(100 * cos) per text view (template), and the probabilities are
+averaged over text views and video views.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+from pathlib import Path
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, Sampler
+from tqdm import tqdm
+
+import clip
+from datasets import VideoDataset, load_class_list
+from modules import build_t2l, class_texts, load_t2l, random_clip, read_descriptions, tokenize_class_texts
+from utils import distributed
+from utils.config import Config, EvalSet
+from utils.metrics import accuracy_metrics
+from utils.protocols import class_subsets, mean_std, restrict_to_classes
+
+logger = logging.getLogger(__name__)
+
+
+# ---------------------------------------------------------------------------------------------- models
+def build_clip(cfg: Config) -> nn.Module:
+    """The frozen CLIP of ``network.pretrained``: a ``clip.load`` name or path, or a seeded random CLIP."""
+    if cfg.network.pretrained == "random":
+        logger.info("CLIP backbone: RANDOM initialisation (seed %d, sizes %s) -- a demo/test model, not "
+                    "pretrained weights", cfg.network.random_seed, cfg.network.random_clip)
+        return random_clip(cfg.network.random_clip, cfg.network.random_seed)
+    kwargs = {"download_root": cfg.network.clip_cache} if cfg.network.clip_cache else {}
+    return clip.load(cfg.network.pretrained, device="cpu", **kwargs)
+
+
+def build_model(cfg: Config, clip_model: Optional[nn.Module] = None) -> nn.Module:
+    """A fresh T2L (training) from the config's model options."""
+    clip_model = clip_model if clip_model is not None else build_clip(cfg)
+    return build_t2l(clip_model, num_frames=cfg.data.num_frames, **vars(cfg.network.t2l))
+
+
+class FrameAverageCLIP(nn.Module):
+    """The standard zero-shot baseline: the frozen CLIP on every frame, frame embeddings averaged."""
+
+    def __init__(self, clip_model: nn.Module):
+        super().__init__()
+        self.clip = clip_model
+        self.num_frames = None
+
+    def encode_video(self, videos: torch.Tensor):
+        B, T = videos.shape[:2]
+        frame_emb = self.clip.encode_image(videos.flatten(0, 1)).view(B, T, -1)  # (B*T, E) -> (B, T, E)
+        return frame_emb.mean(1), frame_emb
+
+    def encode_text(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.clip.encode_text(tokens)
+
+    @property
+    def logit_scale(self):
+        return self.clip.logit_scale
+
+
+def load_eval_model(cfg: Config, weights: Optional[str]) -> nn.Module:
+    """A T2L checkpoint (ours or published), or the frame-averaged CLIP baseline when ``weights`` is None."""
+    if weights is None:
+        logger.info("no T2L weights: evaluating the frozen CLIP baseline (frame-averaged %s)",
+                    cfg.network.pretrained)
+        return FrameAverageCLIP(build_clip(cfg)).eval()
+    clip_model = build_clip(cfg) if cfg.network.pretrained == "random" else None
+    model = load_t2l(weights, clip_model=clip_model, trust=cfg.network.trust_checkpoint)
+    if model.num_frames != cfg.data.num_frames:
+        raise ValueError(f"{weights} was trained with {model.num_frames} frames but data.num_frames is "
+                         f"{cfg.data.num_frames}; set --opts data.num_frames={model.num_frames}")
+    return model.eval()
+
+
+def autocast(device: torch.device, precision: str):
+    """One autocast context for the whole project: bf16/fp16 on GPU, nothing (fp32) on CPU."""
+    dtype = resolve_precision(device, precision)
+    if dtype == torch.float32:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def resolve_precision(device: torch.device, precision: str) -> torch.dtype:
+    if precision == "fp32" or (precision == "auto" and device.type != "cuda"):
+        return torch.float32
+    if precision == "auto":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+
+
+# ---------------------------------------------------------------------------------------------- texts
+def class_tokens(classes_csv: str, descriptions_csv: Optional[str], text_mode: str) -> tuple[list, torch.Tensor]:
+    """(class names, token ids (V, K, L)) for a class list and its descriptions or the templates."""
+    names = load_class_list(classes_csv)
+    descriptions = None
+    if text_mode == "descriptions":
+        if descriptions_csv:
+            descriptions = read_descriptions(descriptions_csv)
+        else:
+            logger.warning("no descriptions file for %s: using the prompt templates instead", classes_csv)
+            text_mode = "templates"
+    texts = class_texts(names, descriptions, mode=text_mode, source=str(descriptions_csv or classes_csv))
+    return names, tokenize_class_texts(texts)
+
+
+@torch.no_grad()
+def encode_class_texts(model: nn.Module, tokens: torch.Tensor, device: torch.device, precision: str = "auto",
+                       batch_size: int = 256) -> torch.Tensor:
+    """Token ids (V, K, L) -> L2-normalised text embeddings (V, K, E), in batches."""
+    V, K, L = tokens.shape
+    flat = tokens.view(V * K, L)
+    out = []
+    with autocast(device, precision):
+        for i in range(0, flat.shape[0], batch_size):
+            out.append(model.encode_text(flat[i:i + batch_size].to(device)).float())
+    return F.normalize(torch.cat(out), dim=-1).view(V, K, -1)
+
+
+# ---------------------------------------------------------------------------------------------- scoring
+class ShardSampler(Sampler):
+    """Evaluation sampler: rank r takes indices r, r + W, ...; no padding, so no video is counted twice."""
+
+    def __init__(self, length: int, rank: int = 0, world_size: int = 1):
+        self.indices = list(range(rank, length, world_size))
+
+    def __iter__(self):
+        return iter(self.indices)
+
+    def __len__(self):
+        return len(self.indices)
+
+
+def video_scores(video_emb: torch.Tensor, text_emb: torch.Tensor, logit_scale: float) -> torch.Tensor:
+    """Normalised video embeddings (B, E) and text embeddings (V, K, E) -> probabilities (B, K), view-averaged."""
+    logits = logit_scale * torch.einsum("be,vke->bvk", F.normalize(video_emb.float(), dim=-1), text_emb)
+    return logits.softmax(dim=-1).mean(dim=1)
+
+
+@torch.no_grad()
+def score_dataset(model: nn.Module, dataset: VideoDataset, text_emb: torch.Tensor, device: torch.device,
+                  batch_size: int, num_workers: int, precision: str = "auto", dist_info=None,
+                  desc: str = "eval") -> tuple[torch.Tensor, torch.Tensor, int]:
+    """(probabilities (N, K), labels (N,), number of unreadable videos) over the whole dataset.
+
+    Multi-view samples (V, T, 3, S, S) are scored view by view and averaged. A video that could not be read is
+    left out (its replacement is deduplicated by index) and counted, so no video is ever scored twice.
+    """
+    rank, world = (dist_info.rank, dist_info.world_size) if dist_info else (0, 1)
+    loader = DataLoader(dataset, batch_size=batch_size, sampler=ShardSampler(len(dataset), rank, world),
+                        num_workers=num_workers, pin_memory=device.type == "cuda", drop_last=False)
+    scale = float(model.logit_scale.exp())
+    scores, labels, indices = [], [], []
+    failed = 0
+    for batch in tqdm(loader, desc=desc, disable=rank != 0, leave=False, dynamic_ncols=True):
+        video = batch["video"].to(device, non_blocking=True)
+        B, V = video.shape[:2]
+        with autocast(device, precision):
+            video_emb, _ = model.encode_video(video.flatten(0, 1))  # (B*V, T, 3, S, S) -> (B*V, E)
+        probs = video_scores(video_emb, text_emb, scale).view(B, V, -1).mean(dim=1)
+        scores.append(probs.cpu())
+        labels.append(batch["label"])
+        indices.append(batch["index"])
+        failed += int(batch["failed"].sum())
+    scores, labels, indices = torch.cat(scores), torch.cat(labels), torch.cat(indices)
+    if world > 1:
+        gathered = distributed.all_gather_objects((scores, labels, indices, failed))
+        scores = torch.cat([g[0] for g in gathered])
+        labels = torch.cat([g[1] for g in gathered])
+        indices = torch.cat([g[2] for g in gathered])
+        failed = sum(g[3] for g in gathered)
+    order = torch.argsort(indices, stable=True)
+    scores, labels, indices = scores[order], labels[order], indices[order]
+    keep = torch.ones_like(indices, dtype=torch.bool)
+    keep[1:] = indices[1:] != indices[:-1]  # a failed video's replacement appears twice: keep it once
+    if failed:
+        logger.warning("%s: %d video(s) could not be read and are left out of the scores (see warnings above)",
+                       desc, failed)
+    return scores[keep], labels[keep], failed
+
+
+def make_eval_dataset(cfg: Config, s: EvalSet, list_file: str, num_classes: int) -> VideoDataset:
+    return VideoDataset(list_file, root=s.root, num_frames=cfg.data.num_frames, mode="test",
+                        input_size=cfg.data.input_size, image_tmpl=s.image_tmpl or cfg.data.image_tmpl,
+                        index_start=s.index_start if s.index_start is not None else cfg.data.index_start,
+                        num_clips=cfg.eval.num_clips, num_crops=cfg.eval.num_crops, on_error=cfg.data.on_error,
+                        num_classes=num_classes, seed=cfg.seed)
+
+
+def evaluate_set(model: nn.Module, cfg: Config, s: EvalSet, device: torch.device, dist_info=None,
+                 keep_scores: bool = False) -> dict:
+    """Evaluate one configured set: every split, the K-600 class subsets if configured, mean and std.
+
+    Returns ``{"name", "group", "splits": [metrics...], "subsets": [...]?, "aggregate": {metric: {mean, std}}}``;
+    with ``keep_scores`` the scores, labels and class names of each split ride along (for per-class files).
+    """
+    classes_csv = s.classes or cfg.data.classes
+    names, tokens = class_tokens(classes_csv, s.descriptions, s.text_mode or cfg.data.text_mode)
+    text_emb = encode_class_texts(model, tokens, device, cfg.solver.precision)
+    result: dict = {"name": s.name, "group": s.group, "num_classes": len(names), "splits": []}
+    entries = []  # what the aggregate is over: the splits, or the class subsets of every split
+    for list_file in s.lists:
+        dataset = make_eval_dataset(cfg, s, list_file, len(names))
+        scores, labels, failed = score_dataset(model, dataset, text_emb, device, cfg.eval.batch_size,
+                                               cfg.data.num_workers, cfg.solver.precision, dist_info,
+                                               desc=f"{s.name} {Path(list_file).name}")
+        split = {"split": Path(list_file).name, **accuracy_metrics(scores, labels), "unreadable_videos": failed}
+        if keep_scores:
+            split["_scores"], split["_labels"], split["_names"] = scores, labels, names
+        result["splits"].append(split)
+        if not s.class_subsets:
+            entries.append(split)
+            continue
+        sub = s.class_subsets
+        seed = int(sub.get("seed", 0))
+        subsets = class_subsets(len(names), int(sub["size"]), int(sub.get("num_subsets", 3)), seed)
+        for i, ids in enumerate(subsets):
+            sc, lb = restrict_to_classes(scores, labels, ids)
+            entry = {"split": split["split"], "subset": i, "seed": seed, **accuracy_metrics(sc, lb)}
+            result.setdefault("subsets", []).append(entry)
+            entries.append(entry)
+    result["aggregate"] = {m: mean_std([e[m] for e in entries]) for m in ("top1", "top5", "mean_class_acc")}
+    result["aggregate"]["over"] = "class subsets" if s.class_subsets else "splits"
+    result["aggregate"]["count"] = len(entries)
+    return result
+
+
+def strip_private(result: dict) -> dict:
+    """A result without the tensors that ``keep_scores`` attached (for JSON)."""
+    out = dict(result)
+    out["splits"] = [{k: v for k, v in sp.items() if not k.startswith("_")} for sp in result["splits"]]
+    return out
+
+
+def is_finite_number(x: float) -> bool:
+    return isinstance(x, (int, float)) and math.isfinite(x)

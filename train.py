@@ -1,0 +1,266 @@
+"""Train T2L: ``python train.py --config configs/K-400/k400_train.yaml [--opts key=value ...]``.
+
+One GPU, or several with ``torchrun --nproc_per_node N train.py ...`` (also across machines). A run writes into
+``output_dir``: the resolved ``config.yaml``, ``log.txt``, ``metrics.csv``, ``curves.png``, ``last.pt`` every epoch
+and ``best_<eval set>.pt`` when an evaluation set improves. Rerunning the same command resumes from ``last.pt``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, DistributedSampler
+from tqdm import tqdm
+
+import engine
+from datasets import VideoDataset, failure_summary_line
+from modules import T2LLoss, make_checkpoint, save_published
+from utils import distributed
+from utils.checkpoint import atomic_save, rng_state, safe_load, set_rng_state
+from utils.config import check_paths, load_config, save_config
+from utils.logger import MetricsCSV, WandbLogger, plot_curves, setup_logging
+from utils.schedule import WarmupCosine
+
+logger = logging.getLogger("train")
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog="examples:\n  python train.py --config configs/K-400/k400_train.yaml\n"
+                                       "  python train.py --config configs/demo/demo_train.yaml "
+                                       "--opts solver.epochs=2 data.batch_size=8\n"
+                                       "  torchrun --nproc_per_node 4 train.py --config configs/K-400/k400_train.yaml")
+    p.add_argument("--config", required=True, help="experiment YAML (extends a base file)")
+    p.add_argument("--opts", nargs="*", default=[], help="overrides by dotted key, e.g. data.batch_size=8")
+    p.add_argument("--resume", default=None, help="checkpoint to resume from (default: output_dir/last.pt if any)")
+    p.add_argument("--no-resume", action="store_true", help="start afresh even if output_dir/last.pt exists")
+    return p.parse_args(argv)
+
+
+class NonFiniteLossError(RuntimeError):
+    pass
+
+
+def param_groups(model, cfg):
+    """AdamW groups: weight decay on matrices; none on biases and temporal tokens when no_decay_for_1d."""
+    decay, no_decay = [], []
+    for name, p in model.trainable_parameters():
+        if cfg.solver.no_decay_for_1d and (p.ndim < 2 or name in ("temporal_tokens", "temporal_embedding")):
+            no_decay.append(p)
+        else:
+            decay.append(p)
+    return [{"params": decay, "weight_decay": cfg.solver.weight_decay},
+            {"params": no_decay, "weight_decay": 0.0}]
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    cfg = load_config(args.config, args.opts)
+    check_paths(cfg, train=True)
+    dist_info = distributed.setup(cfg.device)
+    out = Path(cfg.output_dir)
+    if dist_info.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+    distributed.barrier()
+    setup_logging(str(out), dist_info.rank)
+    try:
+        return train(cfg, args, dist_info, out)
+    finally:
+        distributed.cleanup()
+
+
+def train(cfg, args, dist_info, out: Path) -> dict:
+    device = dist_info.device
+    torch.manual_seed(cfg.seed)
+    if dist_info.is_main:
+        save_config(cfg, out / "config.yaml")
+    logger.info("output folder %s; device %s; world size %d", out, device, dist_info.world_size)
+
+    # ---- data
+    class_names, tokens = engine.class_tokens(cfg.data.classes, cfg.data.descriptions, cfg.data.text_mode)
+    dataset = VideoDataset(cfg.data.train_list, root=cfg.data.root, num_frames=cfg.data.num_frames, mode="train",
+                           input_size=cfg.data.input_size, image_tmpl=cfg.data.image_tmpl,
+                           index_start=cfg.data.index_start, flip=cfg.data.flip, on_error=cfg.data.on_error,
+                           num_classes=len(class_names), seed=cfg.seed)
+    sampler = DistributedSampler(dataset, num_replicas=dist_info.world_size, rank=dist_info.rank, shuffle=True,
+                                 seed=cfg.seed, drop_last=True)
+    if len(sampler) < cfg.data.batch_size:
+        raise ValueError(f"{cfg.data.train_list} has {len(dataset)} videos: fewer than one batch of "
+                         f"{cfg.data.batch_size} per rank; lower data.batch_size")
+    loader = DataLoader(dataset, batch_size=cfg.data.batch_size, sampler=sampler, num_workers=cfg.data.num_workers,
+                        pin_memory=device.type == "cuda", drop_last=True,
+                        persistent_workers=cfg.data.num_workers > 0,
+                        prefetch_factor=4 if cfg.data.num_workers > 0 else None)
+    logger.info("training on %d videos of %d classes from %s (%d steps per epoch)", len(dataset),
+                len(class_names), cfg.data.train_list, len(loader) // cfg.solver.grad_accum)
+
+    # ---- model, optimiser, schedule
+    model = engine.build_model(cfg).to(device)
+    optimizer = torch.optim.AdamW(param_groups(model, cfg), lr=cfg.solver.lr, betas=tuple(cfg.solver.betas),
+                                  eps=cfg.solver.eps)
+    steps_per_epoch = max(1, len(loader) // cfg.solver.grad_accum)
+    scheduler = WarmupCosine(optimizer, total_steps=cfg.solver.epochs * steps_per_epoch,
+                             warmup_steps=int(cfg.solver.warmup_epochs * steps_per_epoch), min_lr=cfg.solver.min_lr)
+    amp_dtype = engine.resolve_precision(device, cfg.solver.precision)
+    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
+    criterion = T2LLoss(tfd_weight=cfg.loss.tfd_weight)
+    logger.info("precision %s; optimiser AdamW lr %g, weight decay %g; %d epochs", amp_dtype, cfg.solver.lr,
+                cfg.solver.weight_decay, cfg.solver.epochs)
+
+    # ---- resume
+    start_epoch, step, best = 0, 0, {}
+    resume = args.resume or (None if args.no_resume or not (out / "last.pt").exists() else out / "last.pt")
+    if resume:
+        ckpt = safe_load(resume, trust=cfg.network.trust_checkpoint)
+        if ckpt.get("num_frames") != cfg.data.num_frames:
+            raise ValueError(f"{resume} was trained with {ckpt.get('num_frames')} frames, but data.num_frames is "
+                             f"{cfg.data.num_frames}")
+        from modules.checkpoint import load_t2l_tensors
+
+        load_t2l_tensors(model, ckpt["model"], source=str(resume))
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scheduler.load_state_dict(ckpt["scheduler"])
+        scaler.load_state_dict(ckpt["scaler"])
+        start_epoch, step, best = int(ckpt["epoch"]) + 1, int(ckpt["step"]), dict(ckpt.get("best", {}))
+        set_rng_state(ckpt["rng"][min(dist_info.rank, len(ckpt["rng"]) - 1)])
+        logger.info("resumed from %s: epoch %d done, step %d", resume, start_epoch, step)
+
+    ddp_model = model
+    if dist_info.enabled:
+        ddp_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    metrics_csv = MetricsCSV(out / "metrics.csv") if dist_info.is_main else None
+    if metrics_csv is not None and start_epoch:
+        metrics_csv.truncate(start_epoch)
+    wandb = (WandbLogger(cfg.logging.wandb_project, cfg.to_dict(), mode=cfg.logging.wandb_mode, dir=str(out))
+             if cfg.logging.wandb and dist_info.is_main else None)
+
+    nonfinite_total, nonfinite_run = 0, 0
+    for epoch in range(start_epoch, cfg.solver.epochs):
+        model.train()
+        sampler.set_epoch(epoch)
+        dataset.set_epoch(epoch)
+        # A random text view (template) per sample when several exist; seeded by (seed, epoch).
+        view_rng = torch.Generator().manual_seed(cfg.seed * 100_003 + epoch)
+        sums = {"loss": 0.0, "align": 0.0, "tfd": 0.0}
+        counted, failed, seen = 0, 0, 0
+        t0 = time.time()
+        bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.solver.epochs}", disable=not dist_info.is_main,
+                   dynamic_ncols=True)
+        optimizer.zero_grad(set_to_none=True)
+        for i, batch in enumerate(bar):
+            videos = batch["video"].to(device, non_blocking=True)
+            labels = batch["label"].to(device, non_blocking=True)
+            failed += int(batch["failed"].sum())
+            views = torch.randint(tokens.shape[0], (labels.shape[0],), generator=view_rng)
+            text = tokens[views, batch["label"]].to(device, non_blocking=True)
+            with engine.autocast(device, cfg.solver.precision):
+                video_emb, frame_emb, text_emb = ddp_model(videos, text)
+            if cfg.loss.gather and dist_info.enabled:
+                video_emb = distributed.all_gather_with_grad(video_emb)
+                frame_emb = distributed.all_gather_with_grad(frame_emb)
+                text_emb = distributed.all_gather_with_grad(text_emb)
+                labels = distributed.all_gather_tensor(labels)
+            loss, parts = criterion(video_emb, frame_emb, text_emb, labels, model.logit_scale)
+            finite = torch.isfinite(loss.detach()).float()
+            if dist_info.enabled:  # every rank must take the same decision, or DDP would hang
+                finite = distributed.all_reduce_sum(finite) / dist_info.world_size
+            if finite.item() < 1.0:
+                nonfinite_total += 1
+                nonfinite_run += 1
+                optimizer.zero_grad(set_to_none=True)
+                logger.warning("non-finite loss at epoch %d step %d (%s): step skipped (%d in a row, %d in all)",
+                               epoch + 1, step, {k: float(v) for k, v in parts.items()}, nonfinite_run,
+                               nonfinite_total)
+                if nonfinite_run >= cfg.solver.max_nonfinite_steps:
+                    last = out / "last.pt"
+                    raise NonFiniteLossError(
+                        f"{nonfinite_run} non-finite losses in a row, the last at epoch {epoch + 1} step {step}; "
+                        f"stopping. The last good checkpoint is "
+                        f"{last if last.exists() else 'none (no epoch finished yet)'}. Lower solver.lr, check the "
+                        f"data, or use solver.precision=fp32")
+                continue
+            nonfinite_run = 0
+            scaler.scale(loss / cfg.solver.grad_accum).backward()
+            if (i + 1) % cfg.solver.grad_accum == 0:
+                if cfg.solver.grad_clip > 0:
+                    scaler.unscale_(optimizer)
+                    torch.nn.utils.clip_grad_norm_([p for _, p in model.trainable_parameters()],
+                                                   cfg.solver.grad_clip)
+                scaler.step(optimizer)
+                scaler.update()
+                optimizer.zero_grad(set_to_none=True)
+                scheduler.step()
+                step += 1
+            for k in sums:
+                sums[k] += float(parts[k])
+            counted += 1
+            seen += videos.shape[0] * dist_info.world_size
+            if dist_info.is_main and (i % max(1, cfg.logging.print_freq) == 0 or i + 1 == len(loader)):
+                bar.set_postfix(loss=f"{sums['loss'] / counted:.4f}", lr=f"{scheduler.get_lr()[0]:.2e}",
+                                vid_s=f"{seen / max(time.time() - t0, 1e-9):.1f}")
+        bar.close()
+        epoch_time = time.time() - t0
+        failed = int(distributed.all_reduce_sum(torch.tensor(failed)).item())
+        logger.info("epoch %d: %s", epoch + 1, failure_summary_line(failed, len(sampler) * dist_info.world_size,
+                                                                     cfg.data.train_list))
+        row = {"epoch": epoch + 1, "step": step, "lr": scheduler.get_lr()[0],
+               **{k: v / max(counted, 1) for k, v in sums.items()}, "epoch_time_s": round(epoch_time, 2),
+               "videos_per_s": round(seen / max(epoch_time, 1e-9), 2), "nonfinite_skipped": nonfinite_total,
+               "unreadable_samples": failed}
+
+        # ---- evaluate
+        improved = []
+        if cfg.eval.sets and cfg.eval.every and ((epoch + 1) % cfg.eval.every == 0 or epoch + 1 == cfg.solver.epochs):
+            model.eval()
+            for s in cfg.eval.sets:
+                res = engine.evaluate_set(model, cfg, s, device, dist_info)
+                top1 = res["aggregate"]["top1"]["mean"]
+                row[f"{s.name}_top1"] = top1
+                row[f"{s.name}_top5"] = res["aggregate"]["top5"]["mean"]
+                logger.info("epoch %d: %s top-1 %.2f%% top-5 %.2f%% mean-class %.2f%%", epoch + 1, s.name, top1,
+                            res["aggregate"]["top5"]["mean"], res["aggregate"]["mean_class_acc"]["mean"])
+                if top1 > best.get(s.name, {"top1": -1.0})["top1"]:
+                    best[s.name] = {"top1": top1, "epoch": epoch + 1}
+                    improved.append(s.name)
+
+        # ---- checkpoint (rank 0 writes; every rank's RNG state is kept for an exact resume)
+        rngs = distributed.all_gather_objects(rng_state())
+        if dist_info.is_main:
+            ckpt = make_checkpoint(model, epoch=epoch, step=step, optimizer=optimizer.state_dict(),
+                                   scheduler=scheduler.state_dict(), scaler=scaler.state_dict(), rng=rngs,
+                                   best=best, config=cfg.to_dict())
+            atomic_save(ckpt, out / "last.pt")
+            for name in improved:
+                atomic_save(ckpt, out / f"best_{name}.pt")
+            if cfg.checkpoint.keep_every and (epoch + 1) % cfg.checkpoint.keep_every == 0:
+                atomic_save(ckpt, out / f"epoch_{epoch + 1}.pt")
+            if cfg.checkpoint.save_full:
+                save_published(model, out / "last_full_published.pth", epoch=epoch)
+            metrics_csv.log(row)
+            plot_curves(out / "metrics.csv", out / "curves.png")
+            if wandb:
+                wandb.log(row, step=step)
+        distributed.barrier()
+        logger.info("epoch %d done in %.1fs: loss %.4f (align %.4f, tfd %.4f)", epoch + 1, epoch_time,
+                    row["loss"], row["align"], row["tfd"])
+    if wandb:
+        wandb.finish()
+    summary = {"epochs": cfg.solver.epochs, "steps": step, "best": best, "nonfinite_skipped": nonfinite_total}
+    if dist_info.is_main:
+        (out / "train_summary.json").write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (ValueError, FileNotFoundError, NonFiniteLossError, OSError) as e:
+        logging.getLogger("train").error("%s", e)
+        sys.exit(1)

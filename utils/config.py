@@ -1,0 +1,351 @@
+"""Configuration: a typed schema with defaults, YAML files that extend a base, dotted ``--opts`` overrides.
+
+Every key is declared below; an unknown key is an error that lists the valid keys of its section, a wrong type
+is an error naming the key, the file and the expected type, and input files that must exist are checked before
+any work starts (``check_paths``). Paths in a config are relative to the directory the scripts are run from
+(the repository root) unless absolute; ``extends`` is relative to the file that names it.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import types
+import typing
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import yaml
+
+logger = logging.getLogger(__name__)
+
+
+class ConfigError(ValueError):
+    """A config that cannot be used; the message names the key and, where known, the file."""
+
+
+@dataclass
+class T2LSection:
+    temporal_tokens: str = "deep"
+    adapter_ratio: float = 0.25
+    vision_adapters: bool = True
+    text_adapters: bool = True
+    train_temporal_embedding: bool = False
+    prompt_dropout: float = 0.1
+    drop_path_rate: float = 0.1
+    activation_checkpointing: bool = False
+
+
+@dataclass
+class NetworkSection:
+    pretrained: str = "ViT-B/16"          # clip.load name or path, or "random" (demo and tests: see random_clip)
+    random_clip: Optional[dict] = None    # the CLIP sizes when pretrained == "random"
+    random_seed: int = 0
+    clip_cache: Optional[str] = None      # download folder for CLIP weights (default ~/.cache/clip)
+    t2l: T2LSection = field(default_factory=T2LSection)
+    trust_checkpoint: bool = False        # allow full unpickling of checkpoints (can run code): only your own files
+
+
+@dataclass
+class DataSection:
+    num_frames: int = 8
+    input_size: int = 224
+    train_list: Optional[str] = None
+    root: Optional[str] = None            # prefix for the list files' paths
+    classes: Optional[str] = None         # class list CSV (id,name)
+    descriptions: Optional[str] = None    # descriptions CSV; null -> templates
+    text_mode: str = "descriptions"       # descriptions | templates
+    image_tmpl: str = "img_{:05d}.jpg"
+    index_start: int = 1
+    flip: bool = True                     # off for Something-Something, where left/right is the label
+    batch_size: int = 80
+    num_workers: int = 8
+    on_error: str = "skip"                # skip | raise
+
+
+@dataclass
+class EvalSet:
+    name: str = ""
+    lists: list = field(default_factory=list)   # one list file per split; several -> mean and std
+    root: Optional[str] = None
+    classes: Optional[str] = None
+    descriptions: Optional[str] = None
+    text_mode: Optional[str] = None            # default: data.text_mode
+    image_tmpl: Optional[str] = None
+    index_start: Optional[int] = None
+    class_subsets: Optional[dict] = None       # {size, num_subsets, seed}: K-600 protocol (all classes: splits)
+    group: Optional[str] = None                # "base" | "novel" for base-to-novel
+
+
+@dataclass
+class EvalSection:
+    every: int = 1                     # evaluate every N epochs during training (0 = never)
+    batch_size: int = 16
+    num_clips: int = 1
+    num_crops: int = 1
+    sets: list = field(default_factory=list)   # list of EvalSet
+
+
+@dataclass
+class SolverSection:
+    epochs: int = 30
+    lr: float = 1.0e-4
+    min_lr: float = 0.0
+    warmup_epochs: float = 5.0
+    weight_decay: float = 0.2
+    betas: list = field(default_factory=lambda: [0.9, 0.98])
+    eps: float = 1.0e-8
+    no_decay_for_1d: bool = True       # no weight decay on biases and the temporal tokens
+    grad_clip: float = 0.0             # max grad norm; 0 = off
+    grad_accum: int = 1
+    precision: str = "auto"            # auto (bf16 where supported, else fp16 on GPU; fp32 on CPU) | fp32 | bf16 | fp16
+    max_nonfinite_steps: int = 5       # this many non-finite losses in a row stop the run
+
+
+@dataclass
+class LossSection:
+    tfd_weight: float = 1.0
+    gather: bool = False               # alignment loss over the embeddings of all ranks
+
+
+@dataclass
+class LoggingSection:
+    print_freq: int = 10
+    wandb: bool = False
+    wandb_project: str = "t2l"
+    wandb_mode: str = "offline"        # online | offline | disabled
+
+
+@dataclass
+class CheckpointSection:
+    save_full: bool = False            # also write a published-layout full checkpoint each epoch
+    keep_every: int = 0                # also keep epoch_N.pt every N epochs (0 = only last and best)
+
+
+@dataclass
+class TestSection:
+    weights: list = field(default_factory=list)  # T2L checkpoints (ours or published); several -> mean over runs
+    baseline: bool = False                       # evaluate the frozen CLIP (frame average) instead of T2L
+
+
+@dataclass
+class Config:
+    seed: int = 0
+    output_dir: str = "output/run"
+    device: str = "auto"               # auto | cpu | cuda | cuda:N
+    network: NetworkSection = field(default_factory=NetworkSection)
+    data: DataSection = field(default_factory=DataSection)
+    eval: EvalSection = field(default_factory=EvalSection)
+    solver: SolverSection = field(default_factory=SolverSection)
+    loss: LossSection = field(default_factory=LossSection)
+    logging: LoggingSection = field(default_factory=LoggingSection)
+    checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
+    test: TestSection = field(default_factory=TestSection)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+# Fields whose list items are sections themselves.
+_LIST_ITEM_TYPES = {("eval", "sets"): EvalSet}
+_CHOICES = {
+    ("data", "text_mode"): ("descriptions", "templates"),
+    ("data", "on_error"): ("skip", "raise"),
+    ("solver", "precision"): ("auto", "fp32", "bf16", "fp16"),
+    ("network", "t2l", "temporal_tokens"): ("deep", "shallow", "none"),
+    ("logging", "wandb_mode"): ("online", "offline", "disabled"),
+}
+
+
+def _read_yaml(path: Path, seen: tuple = ()) -> dict:
+    """Read a YAML file with ``safe_load`` and merge it over the files it ``extends`` (recursively)."""
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    if path.resolve() in seen:
+        raise ConfigError(f"{path}: 'extends' forms a cycle: {' -> '.join(str(p) for p in seen)}")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from e
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections, got {type(data).__name__}")
+    parents = data.pop("extends", None)
+    if parents is None:
+        return data
+    merged: dict = {}
+    for parent in [parents] if isinstance(parents, str) else parents:
+        merged = deep_merge(merged, _read_yaml((path.parent / parent), seen + (path.resolve(),)))
+    return deep_merge(merged, data)
+
+
+def deep_merge(base: dict, override: dict) -> dict:
+    """Mappings merge key by key; anything else (lists included) in ``override`` replaces ``base``'s value."""
+    out = dict(base)
+    for k, v in override.items():
+        out[k] = deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def parse_opts(opts: list[str]) -> dict:
+    """``["data.batch_size=8", "solver.lr=1e-3"]`` -> nested dict; values are parsed as YAML scalars/lists."""
+    out: dict = {}
+    for opt in opts or []:
+        if "=" not in opt:
+            raise ConfigError(f"--opts entries are key=value with a dotted key (data.batch_size=8), got {opt!r}")
+        key, raw = opt.split("=", 1)
+        try:
+            value = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError:
+            value = raw
+        node = out
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+        node[parts[-1]] = value
+    return out
+
+
+def _type_name(tp) -> str:
+    return getattr(tp, "__name__", str(tp)).replace("typing.", "")
+
+
+def _coerce(value: Any, tp, where: str) -> Any:
+    origin = typing.get_origin(tp)
+    if origin in (Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is None:
+            return None
+        return _coerce(value, args[0], where)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{where}: expected true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where}: expected an integer, got {value!r} ({type(value).__name__})")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            if isinstance(value, str):  # YAML reads 1e-4 (no dot) as a string
+                try:
+                    return float(value)
+                except ValueError:
+                    pass
+            raise ConfigError(f"{where}: expected a number, got {value!r} ({type(value).__name__})")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where}: expected a string, got {value!r} ({type(value).__name__})")
+        return value
+    if tp is list or origin is list:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return [value]
+        if not isinstance(value, list):
+            raise ConfigError(f"{where}: expected a list, got {value!r} ({type(value).__name__})")
+        return value
+    if tp is dict or origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {value!r} ({type(value).__name__})")
+        return value
+    return value
+
+
+def _build(cls, data: Any, path: tuple, source: str):
+    where_section = ".".join(path) or "(top level)"
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: section {where_section} must be a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    valid = {f.name for f in fields(cls)}
+    unknown = sorted(set(data) - valid)
+    if unknown:
+        raise ConfigError(f"{source}: unknown key(s) {', '.join('.'.join(path + (u,)) for u in unknown)}; "
+                          f"valid keys of {where_section}: {', '.join(sorted(valid))}")
+    kwargs = {}
+    for f in fields(cls):
+        if f.name not in data:
+            continue
+        tp, value, key = hints[f.name], data[f.name], path + (f.name,)
+        where = f"{source}: {'.'.join(key)}"
+        if dataclasses.is_dataclass(tp):
+            kwargs[f.name] = _build(tp, value if value is not None else {}, key, source)
+            continue
+        value = _coerce(value, tp, where)
+        if key in _LIST_ITEM_TYPES and value is not None:
+            value = [_build(_LIST_ITEM_TYPES[key], item, key + (str(i),), source) for i, item in enumerate(value)]
+        if key in _CHOICES and value not in _CHOICES[key]:
+            raise ConfigError(f"{where}: must be one of {', '.join(_CHOICES[key])}, got {value!r}")
+        kwargs[f.name] = value
+    return cls(**kwargs)
+
+
+def load_config(path: Optional[str | Path], opts: Optional[list[str]] = None) -> Config:
+    """Read, merge, override and validate a config. ``path`` None gives the defaults (plus ``opts``)."""
+    source = str(path) if path else "(defaults)"
+    data = _read_yaml(Path(path)) if path else {}
+    data = deep_merge(data, parse_opts(opts or []))
+    cfg = _build(Config, data, (), source if not opts else f"{source} with --opts")
+    _validate(cfg, source)
+    return cfg
+
+
+def _validate(cfg: Config, source: str) -> None:
+    positive = {"data.num_frames": cfg.data.num_frames, "data.input_size": cfg.data.input_size,
+                "data.batch_size": cfg.data.batch_size, "eval.batch_size": cfg.eval.batch_size,
+                "eval.num_clips": cfg.eval.num_clips, "solver.grad_accum": cfg.solver.grad_accum}
+    for key, value in positive.items():
+        if value < 1:
+            raise ConfigError(f"{source}: {key} must be at least 1, got {value}")
+    if cfg.eval.num_crops not in (1, 3):
+        raise ConfigError(f"{source}: eval.num_crops must be 1 or 3, got {cfg.eval.num_crops}")
+    if cfg.data.num_workers < 0:
+        raise ConfigError(f"{source}: data.num_workers must be >= 0, got {cfg.data.num_workers}")
+    if cfg.network.pretrained == "random" and not cfg.network.random_clip:
+        raise ConfigError(f"{source}: network.pretrained is 'random', so network.random_clip must give the CLIP "
+                          f"sizes (embed_dim, image_resolution, vision_layers, ...)")
+    names = [s.name for s in cfg.eval.sets]
+    for s in cfg.eval.sets:
+        if not s.name:
+            raise ConfigError(f"{source}: every eval.sets entry needs a name")
+        if not s.lists:
+            raise ConfigError(f"{source}: eval set {s.name!r} has no list files (eval.sets[].lists)")
+        if s.group not in (None, "base", "novel"):
+            raise ConfigError(f"{source}: eval set {s.name!r}: group must be base or novel, got {s.group!r}")
+    if len(set(names)) != len(names):
+        raise ConfigError(f"{source}: eval set names must be unique, got {names}")
+
+
+def check_paths(cfg: Config, train: bool) -> None:
+    """Fail before any work if an input file the run needs is missing, naming the key and the path."""
+    missing = []
+
+    def need(key: str, value: Optional[str], folder: bool = False):
+        if value is None:
+            missing.append(f"{key} is not set")
+        elif not (Path(value).is_dir() if folder else Path(value).is_file()):
+            missing.append(f"{key}: {value} does not exist")
+
+    if train:
+        need("data.train_list", cfg.data.train_list)
+        need("data.classes", cfg.data.classes)
+        if cfg.data.descriptions and cfg.data.text_mode == "descriptions":
+            need("data.descriptions", cfg.data.descriptions)
+        if cfg.data.root:
+            need("data.root", cfg.data.root, folder=True)
+    for s in cfg.eval.sets:
+        for i, lst in enumerate(s.lists):
+            need(f"eval.sets[{s.name}].lists[{i}]", lst)
+        need(f"eval.sets[{s.name}].classes", s.classes or (cfg.data.classes if train else None))
+        if s.descriptions:
+            need(f"eval.sets[{s.name}].descriptions", s.descriptions)
+        if s.root:
+            need(f"eval.sets[{s.name}].root", s.root, folder=True)
+    for i, w in enumerate(cfg.test.weights if not train else []):
+        need(f"test.weights[{i}]", w)
+    if missing:
+        raise ConfigError("missing inputs, nothing was started:\n  " + "\n  ".join(missing))
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    """Write the resolved config as YAML (the exact settings of a run, for the output folder)."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False), encoding="utf-8")
