@@ -282,6 +282,27 @@ def format_list_line(folder: str, num_frames: int, label: int) -> str:
     return f"{folder} {num_frames} {label}"
 
 
+def warn_comment_like(lines: Sequence[str], path) -> None:
+    """Warn when list lines start with ``#``: list readers may take them for comments.
+
+    HMDB-51 has videos named ``#437_How_To_Ride_A_Bike_...``; inside a class folder they are safe,
+    extracted flat their list lines would begin with ``#``.
+    """
+    bad = [line for line in lines if line.startswith("#")]
+    if bad:
+        logger.warning(
+            "%s: %d line(s) start with '#' (e.g. %r), which list readers may skip as comments; "
+            "extract such datasets into class folders", path, len(bad), bad[0][:60])
+
+
+def default_workers() -> int:
+    """CPUs this process may use (the affinity mask, which containers restrict), at least 1."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not Linux
+        return max(1, os.cpu_count() or 1)
+
+
 def read_list_file(path) -> List[Tuple[str, int, int]]:
     """Read a list file ``<folder> <num_frames> <label>`` (the folder may contain spaces)."""
     path = Path(path)

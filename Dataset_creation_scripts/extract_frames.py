@@ -426,7 +426,7 @@ def run_extraction(
     if videos is None:
         videos = find_videos(src, extensions, exclude=out)
     if workers is None:
-        workers = max(1, os.cpu_count() or 1)
+        workers = _common.default_workers()
     out.mkdir(parents=True, exist_ok=True)
     manifest_path = out / MANIFEST_NAME
     with _lock(out):
@@ -513,6 +513,7 @@ def write_label_list(result: ExtractResult, labels: Dict[str, int], list_out) ->
             missing += 1
     if missing:
         logger.warning("%d video(s) failed and are not in %s", missing, list_out)
+    _common.warn_comment_like(lines, list_out)
     return _common.write_lines_atomic(list_out, lines)
 
 
@@ -547,8 +548,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("src", metavar="SRC", help="folder searched recursively for videos")
     p.add_argument("out", metavar="OUT", help="output folder for frames, manifest.txt and failures.txt")
-    p.add_argument("--workers", type=int, default=max(1, os.cpu_count() or 1),
-                   help="worker processes (default: CPU count; 0 decodes in this process)")
+    p.add_argument("--workers", type=int, default=_common.default_workers(),
+                   help="worker processes (default: the CPUs this process may use; 0 decodes in this process)")
     p.add_argument("--short-side", type=int, default=0,
                    help="resize so the shorter side has this many pixels, keeping the aspect ratio (0 = keep size)")
     p.add_argument("--quality", type=int, default=90, help="JPEG quality 1-100 (default 90)")

@@ -11,16 +11,16 @@ inside its K=4 set, and so on; the output is sorted by label, then folder.
 
 Base/novel convention (looked up in ViFi-CLIP's published files, datasets_splits/base2novel_splits
 and labels/*_base_labels.csv): ViFi-CLIP ships a FIXED list of base classes per dataset, with
-ceil(K/2) base classes (UCF-101 51/50, HMDB-51 26/25, K-400 200/200, SSv2 87/87), base test videos
+ceil(C/2) base classes of C (UCF-101 51/50, HMDB-51 26/25, K-400 200/200, SSv2 87/87), base test videos
 from the split-1 test list, and 16-shot training sets from the split-1 train list for three seeds.
 Its base list is NOT the first half of the alphabetical class list (HMDB-51's base classes are the
 alphabetically last 26, "pour".."wave"; UCF-101's and K-400's are a mixed selection). Therefore:
   * --base-classes FILE  reproduces a published split exactly: give ViFi-CLIP's
     labels/<dataset>_base_labels.csv (or any 'id,name' CSV or one-name-per-line file); the base
     class order (and so the base label ids) follows that file, like ViFi-CLIP's base label ids.
-  * --rule first-half    (the default without --base-classes): base = the first ceil(K/2) classes of
+  * --rule first-half    (the default without --base-classes): base = the first ceil(C/2) classes of
     --classes, novel = the rest, in class-list order.
-  * --rule frequency     base = the ceil(K/2) classes with the most training videos (ties: lower id).
+  * --rule frequency     base = the ceil(C/2) classes with the most training videos (ties: lower id).
 """
 
 from __future__ import annotations

@@ -27,6 +27,7 @@ import logging
 import math
 import sys
 import time
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -266,8 +267,18 @@ def _forget_other_settings(out: Path, settings: Dict) -> None:
     _common.atomic_write_text(record, json.dumps(settings, sort_keys=True) + "\n")
 
 
+def _make_one(task) -> str:
+    """Render and write one video (a worker task); returns its path relative to OUT/videos."""
+    videos, split, label, i, seed, size, frames, codec = task
+    rng = np.random.default_rng([seed, 0 if split == "train" else 1, label, i])
+    folder = CLASSES[label][1]
+    rel = f"{split}/{folder}/{folder}_{i:03d}.mp4"
+    write_video(Path(videos) / rel, render(sample_params(label, rng, size, frames)), codec=codec)
+    return rel
+
+
 def generate(out, train_per_class: int = 24, val_per_class: int = 8, seed: int = 0, size: int = 64,
-             frames: int = 16, progress: bool = True) -> Dict[str, List[Tuple[str, int]]]:
+             frames: int = 16, progress: bool = True, workers: int = 1) -> Dict[str, List[Tuple[str, int]]]:
     """Write the videos and the class/description CSVs; returns ``{split: [(video rel path, label)]}``.
 
     Each video's generator is seeded by (seed, split, class, index), so a video does not change
@@ -284,13 +295,21 @@ def generate(out, train_per_class: int = 24, val_per_class: int = 8, seed: int =
     jobs = [(split, label, i) for split, n in (("train", train_per_class), ("val", val_per_class))
             for label in range(len(CLASSES)) for i in range(n)]
     made: Dict[str, List[Tuple[str, int]]] = {"train": [], "val": []}
-    for split, label, i in tqdm(jobs, desc="generating", unit="video", disable=not progress, dynamic_ncols=True):
-        rng = np.random.default_rng([seed, 0 if split == "train" else 1, label, i])
-        clip = render(sample_params(label, rng, size, frames))
-        folder = CLASSES[label][1]
-        rel = f"{split}/{folder}/{folder}_{i:03d}.mp4"
-        write_video(out / "videos" / rel, clip, codec=codec)
-        made[split].append((rel, label))
+    tasks = [(str(out / "videos"), split, label, i, seed, size, frames, codec) for split, label, i in jobs]
+    bar = tqdm(total=len(tasks), desc="generating", unit="video", disable=not progress, dynamic_ncols=True)
+    if workers <= 1:
+        results = map(_make_one, tasks)
+    else:
+        pool = ProcessPoolExecutor(max_workers=workers)
+        results = pool.map(_make_one, tasks, chunksize=8)
+    try:
+        for (_, split, label, _, _, _, _, _), rel in zip(tasks, results):
+            made[split].append((rel, label))
+            bar.update(1)
+    finally:
+        bar.close()
+        if workers > 1:
+            pool.shutdown()
     _common.atomic_write_text(out / "classes.csv", _csv_text([(i, c[0]) for i, c in enumerate(CLASSES)], ["id", "name"]))
     _common.atomic_write_text(out / "descriptions.csv",
                               _csv_text([(i + 1, c[0], c[2]) for i, c in enumerate(CLASSES)], ["SNo", "Class Name", "Description"]))
@@ -348,7 +367,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--size", type=int, default=64, help="frame width = height in pixels, even (default 64)")
     p.add_argument("--frames", type=int, default=16, help="frames per video (default 16)")
     p.add_argument("--no-extract", action="store_true", help="only write videos and CSVs (no frames, no lists)")
-    p.add_argument("--workers", type=int, default=2, help="extraction worker processes (default 2)")
+    p.add_argument("--workers", type=int, default=2, help="worker processes for generation and extraction (default 2)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     return p
@@ -359,7 +378,8 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     _common.setup_logging(args.verbose)
     t0 = time.perf_counter()
-    generate(args.out, args.train_per_class, args.val_per_class, args.seed, args.size, args.frames, not args.no_progress)
+    generate(args.out, args.train_per_class, args.val_per_class, args.seed, args.size, args.frames,
+             not args.no_progress, args.workers)
     t1 = time.perf_counter()
     logger.info("generation took %.1f s", t1 - t0)
     if not args.no_extract:
