@@ -53,6 +53,9 @@ def run_cli(main_fn, argv=None) -> int:
     except (InputFormatError, FileNotFoundError, NotADirectoryError, ValueError, RuntimeError) as exc:
         logging.getLogger("main").error("%s", exc)
         return 2
+    except KeyboardInterrupt:
+        logging.getLogger("main").error("interrupted; running the same command again resumes where it stopped")
+        return 130
 
 
 # --------------------------------------------------------------------------------------------

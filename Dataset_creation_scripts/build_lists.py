@@ -56,8 +56,13 @@ def join_entries(
     index: ManifestIndex,
     what: str,
     strict: bool = False,
+    kinetics_fallback: bool = False,
 ) -> List[str]:
-    """Turn split entries into list lines via the manifest; missing videos are reported, not listed."""
+    """Turn split entries into list lines via the manifest; missing videos are reported, not listed.
+
+    With ``kinetics_fallback`` a clip ``<id>_<start>_<end>`` that is not in the manifest is looked
+    up as ``<id>`` too.
+    """
     lines: List[str] = []
     missing: List[str] = []
     seen = set()
@@ -67,6 +72,9 @@ def join_entries(
             continue
         seen.add(stem)
         folder = index.find(stem, parents)
+        if folder is None and kinetics_fallback:
+            # Some Kinetics mirrors name clips by YouTube id alone.
+            folder = index.find(stem[: -len("_000000_000000")], parents)
         if folder is None:
             missing.append(stem)
             continue
@@ -218,7 +226,8 @@ KINETICS_COLUMNS = ("label", "youtube_id", "time_start", "time_end")
 
 
 def kinetics_clip_stem(youtube_id: str, start: int, end: int) -> str:
-    """The official clip file stem ``<youtube_id>_<start:06d>_<end:06d>``."""
+    """The official clip file stem ``<youtube_id>_<start:06d>_<end:06d>`` (clips named ``<youtube_id>``
+    alone are found too, see :func:`join_entries`)."""
     return f"{youtube_id}_{start:06d}_{end:06d}"
 
 
@@ -274,7 +283,7 @@ def build_kinetics(args) -> None:
                     len(entries), len(known), args.classes, dropped, len(labels) - len(known))
         labels = sorted(known)
     ids = matcher.resolve(labels, f"Kinetics labels of {args.csv}")
-    lines = join_entries(entries, ids, index, f"Kinetics {Path(args.csv).name}", args.strict)
+    lines = join_entries(entries, ids, index, f"Kinetics {Path(args.csv).name}", args.strict, kinetics_fallback=True)
     _write(Path(args.out), lines)
 
 

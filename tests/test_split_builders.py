@@ -122,11 +122,13 @@ def test_kinetics_lists(tmp_path):
                      "abseiling,--abc,14,24,val\n"
                      "air drumming,xyz_1,0,10,val\n"
                      "\"passing American football (in game)\",q9,5,15,val\n"
-                     "air drumming,missing,3,13,val\n")
+                     "air drumming,missing,3,13,val\n"
+                     "abseiling,byid,7,17,val\n")
     man = manifest(tmp_path, [
         ("val/abseiling/--abc_000014_000024", 250),  # class-folder layout
         ("xyz_1_000000_000010", 300),  # flat layout
         ("val/passing_American_football_(in_game)/q9_000005_000015", 240),
+        ("abseiling/byid", 100),  # a mirror that names clips by YouTube id alone
     ])
     classes = write(tmp_path / "k.csv", 'id,name\n0,abseiling\n1,air drumming\n2,"passing American football (in game)"\n')
     out = tmp_path / "k400_val.txt"
@@ -134,7 +136,8 @@ def test_kinetics_lists(tmp_path):
     assert out.read_text() == (
         "val/abseiling/--abc_000014_000024 250 0\n"
         "xyz_1_000000_000010 300 1\n"
-        "val/passing_American_football_(in_game)/q9_000005_000015 240 2\n")
+        "val/passing_American_football_(in_game)/q9_000005_000015 240 2\n"
+        "abseiling/byid 100 0\n")
     # A subset class list (K-600's new classes) with --skip-unknown-classes.
     sub = write(tmp_path / "sub.csv", "id,name\n0,air drumming\n")
     with pytest.raises(ValueError, match="abseiling"):
