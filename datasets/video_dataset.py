@@ -1,0 +1,235 @@
+"""``VideoDataset``: list file -> sampled, decoded, augmented clips; and ``load_video_clip``.
+
+Randomness: the generator for sample ``i`` is derived from ``(seed, epoch, i)`` only, never from
+global state, so every DataLoader worker draws different clips, the result does not depend on the
+number of workers, and a resumed run that calls ``set_epoch`` sees the same clips as the original.
+
+Failures (``on_error``):
+- ``"raise"``: the :class:`~datasets.readers.SampleLoadError` propagates; its message names the file.
+- ``"skip"``: the sample is replaced by the next index (``i+1``, ``i+2``, ... modulo the length:
+  deterministic), the failure is logged as a warning naming the file, and the returned sample says
+  how many replacements it needed in ``failed``. Worker processes cannot share counters with the
+  trainer, but every sample travels back through the DataLoader, so the trainer gets an exact count
+  for the epoch with any ``num_workers`` (and any number of ranks, after an all-reduce) by summing
+  ``batch["failed"]``; :func:`failure_summary_line` formats it. In a single process
+  (``num_workers=0``) :meth:`VideoDataset.failure_summary` also lists the files.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Dict, List, Optional
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from .lists import VideoRecord, read_list_file
+from .readers import FrameFolder, SampleLoadError, open_source
+from .sampling import sample_indices
+from .transforms import build_transform
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["VideoDataset", "load_video_clip", "failure_summary_line"]
+
+# After this many failed samples in a row the data is presumably wrong as a whole (bad root,
+# wrong template): stop instead of silently cycling through the list.
+MAX_CONSECUTIVE_FAILURES = 50
+
+
+def _check_template(image_tmpl: str) -> None:
+    try:
+        a, b = image_tmpl.format(1), image_tmpl.format(2)
+    except (IndexError, KeyError, ValueError) as e:
+        raise ValueError(f"image_tmpl must be a str.format template with one field such as "
+                         f"'img_{{:05d}}.jpg', got {image_tmpl!r} ({e})") from None
+    if a == b:
+        raise ValueError(f"image_tmpl {image_tmpl!r} does not depend on the frame index")
+
+
+def _frame_count(source, listed: int) -> int:
+    """Frames to sample from: the list's count, checked against the container for video files."""
+    if isinstance(source, FrameFolder):
+        n = listed if listed > 0 else source.num_frames
+    else:
+        # The container's count is known after opening (decord); the list may be off by a frame.
+        n = source.num_frames if listed <= 0 else min(listed, source.num_frames)
+    if n <= 0:
+        raise SampleLoadError(source.path, "video has no frames (0 frames found)")
+    return n
+
+
+def _test_views(source, n: int, num_frames: int, num_clips: int, transform) -> torch.Tensor:
+    """All test views of one video: ``(num_clips * num_crops, T, 3, S, S)``, clip-major."""
+    idx = sample_indices(n, num_frames, "test", num_clips=num_clips)  # (C, T)
+    frames = source.read(idx.reshape(-1))  # (C*T, 3, H, W), decoded once for all clips
+    x = transform(frames)  # (C*T, 3, S, S) or (K, C*T, 3, S, S): the test transform is per frame
+    if x.dim() == 4:
+        x = x.unsqueeze(0)
+    K = x.shape[0]
+    # (K, C*T, 3, S, S) -> (C, K, T, 3, S, S) -> (C*K, T, 3, S, S)
+    x = x.view(K, num_clips, num_frames, *x.shape[-3:]).transpose(0, 1)
+    return x.reshape(num_clips * K, num_frames, *x.shape[-3:])
+
+
+class VideoDataset(Dataset):
+    """Clips and labels from a list file, for training or testing.
+
+    Args:
+        list_file: ``<path> <num_frames> <label>`` per line (see :func:`datasets.read_list_file`).
+        root: folder that relative paths in the list are taken from.
+        num_frames: T, frames per clip.
+        mode: ``"train"`` (random segment frames, augmentation) or ``"test"`` (segment middles,
+            resize + centre/three crops, ``num_clips`` x ``num_crops`` views).
+        input_size: S, the output side.
+        image_tmpl, index_start: frame-file naming for frame folders.
+        flip: horizontal flip in training (False for Something-Something).
+        num_clips, num_crops: test views per video.
+        on_error: ``"skip"`` or ``"raise"`` (see the module docstring).
+        num_classes: when given, labels outside ``[0, num_classes)`` are an error at construction.
+        seed: base seed; the clip of sample ``i`` in epoch ``e`` depends on ``(seed, e, i)`` only.
+
+    ``ds[i]`` is a dict: ``video`` float32 ``(T, 3, S, S)`` in training, ``(V, T, 3, S, S)`` with
+    ``V = num_clips * num_crops`` (clip-major) in testing; ``label`` int (-1 when unknown); ``index``
+    the index of the sample actually returned; ``failed`` how many samples this call had to replace.
+    """
+
+    def __init__(self, list_file: str, root: Optional[str] = None, num_frames: int = 8,
+                 mode: str = "train", input_size: int = 224, image_tmpl: str = "img_{:05d}.jpg",
+                 index_start: int = 1, flip: bool = True, num_clips: int = 1, num_crops: int = 1,
+                 on_error: str = "skip", num_classes: Optional[int] = None, seed: int = 0):
+        if mode not in ("train", "test"):
+            raise ValueError(f"mode must be 'train' or 'test', got {mode!r}")
+        if on_error not in ("skip", "raise"):
+            raise ValueError(f"on_error must be 'skip' or 'raise', got {on_error!r}")
+        if num_frames < 1:
+            raise ValueError(f"num_frames must be >= 1, got {num_frames}")
+        if num_clips < 1:
+            raise ValueError(f"num_clips must be >= 1, got {num_clips}")
+        if mode == "train" and (num_clips != 1 or num_crops != 1):
+            raise ValueError("num_clips and num_crops are test-time options; training takes one view")
+        _check_template(image_tmpl)
+        self.list_file = os.fspath(list_file)
+        self.records: List[VideoRecord] = read_list_file(list_file, root=root, num_classes=num_classes)
+        self.num_frames = int(num_frames)
+        self.mode = mode
+        self.input_size = int(input_size)
+        self.image_tmpl = image_tmpl
+        self.index_start = int(index_start)
+        self.num_clips = int(num_clips)
+        self.num_crops = int(num_crops)
+        self.on_error = on_error
+        self.num_classes = num_classes
+        self.seed = int(seed)
+        # The epoch lives in shared memory so that persistent DataLoader workers (which hold their
+        # own copies of the dataset) see set_epoch() too.
+        self._epoch = torch.zeros((), dtype=torch.int64).share_memory_()
+        self.transform = build_transform(mode, self.input_size, flip=flip,
+                                         num_crops=self.num_crops if mode == "test" else 1)
+        # Failures seen by *this process* (index, path, reason): complete only with num_workers=0.
+        self._failures: List[tuple] = []
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    @property
+    def epoch(self) -> int:
+        """The epoch set by :meth:`set_epoch` (0 until then)."""
+        return int(self._epoch.item())
+
+    def set_epoch(self, epoch: int) -> None:
+        """Make training clips depend on ``epoch`` (call before each epoch, also when resuming).
+
+        Call it before ``iter(loader)`` starts the epoch: workers, persistent ones included, read
+        the epoch from shared memory when they load a sample, and they start prefetching as soon as
+        the iterator is created.
+        """
+        self._epoch.fill_(int(epoch))
+
+    def _generators(self, index: int):
+        """(numpy Generator, torch Generator) for sample ``index`` in the current epoch."""
+        ss = np.random.SeedSequence([self.seed, self.epoch, index])
+        np_rng = np.random.default_rng(ss)
+        torch_gen = torch.Generator().manual_seed(int(ss.generate_state(1, np.uint64)[0] >> np.uint64(1)))
+        return np_rng, torch_gen
+
+    def load(self, index: int) -> torch.Tensor:
+        """The video tensor of sample ``index`` without any failure handling (raises SampleLoadError)."""
+        rec = self.records[index]
+        source = open_source(rec.path, self.image_tmpl, self.index_start)
+        n = _frame_count(source, rec.num_frames)
+        if self.mode == "test":
+            return _test_views(source, n, self.num_frames, self.num_clips, self.transform)
+        np_rng, torch_gen = self._generators(index)
+        idx = sample_indices(n, self.num_frames, "train", rng=np_rng)
+        return self.transform(source.read(idx), torch_gen)
+
+    def __getitem__(self, index: int) -> Dict[str, object]:
+        if index < 0:
+            index += len(self)
+        if not 0 <= index < len(self):
+            raise IndexError(f"index {index} out of range for {len(self)} videos")
+        failed = 0
+        current = index
+        while True:
+            try:
+                video = self.load(current)
+                break
+            except SampleLoadError as e:
+                if self.on_error == "raise":
+                    raise
+                failed += 1
+                self._failures.append((current, e.path, e.reason))
+                logger.warning("skipping %s (list %s line %d): %s", e.path, self.list_file,
+                               self.records[current].line, e.reason)
+                if failed >= min(len(self), MAX_CONSECUTIVE_FAILURES):
+                    raise RuntimeError(
+                        f"{failed} samples in a row failed to load from {self.list_file} "
+                        f"(starting at index {index}); the last: {e}. Check the list's root and "
+                        f"image_tmpl/index_start") from e
+                current = (current + 1) % len(self)
+        label = self.records[current].label
+        return {"video": video, "label": -1 if label is None else label, "index": current,
+                "failed": failed}
+
+    def failure_summary(self) -> Dict[str, object]:
+        """Failures seen by this process: ``{"count": int, "files": {path: reason}}``.
+
+        Only complete when the samples were loaded in this process (``num_workers=0``); with
+        workers, sum ``batch["failed"]`` in the training loop instead (see the module docstring).
+        """
+        files = {path: reason for _, path, reason in self._failures}
+        return {"count": len(self._failures), "files": files}
+
+    def reset_failures(self) -> None:
+        """Forget the failures recorded so far (e.g. at the start of an epoch)."""
+        self._failures.clear()
+
+
+def failure_summary_line(num_failed: int, num_samples: int, name: str = "") -> str:
+    """One log line for the end of an epoch from the summed ``batch["failed"]`` counts."""
+    where = f" in {name}" if name else ""
+    if num_failed == 0:
+        return f"all {num_samples} samples{where} loaded"
+    return (f"{num_failed} unreadable samples{where} were replaced by their neighbours this epoch "
+            f"({num_samples} samples returned); see the warnings above for the files")
+
+
+def load_video_clip(path: str, num_frames: int = 8, input_size: int = 224, num_clips: int = 1,
+                    num_crops: int = 1, image_tmpl: str = "img_{:05d}.jpg",
+                    index_start: int = 1) -> torch.Tensor:
+    """Exactly the dataset's test pipeline for one frames folder or video file.
+
+    Returns:
+        float32 ``(num_clips * num_crops, T, 3, S, S)``, clip-major, CLIP-normalised.
+
+    Raises:
+        SampleLoadError: naming the unreadable file.
+    """
+    _check_template(image_tmpl)
+    source = open_source(os.fspath(path), image_tmpl, index_start)
+    n = _frame_count(source, 0)
+    transform = build_transform("test", input_size, num_crops=num_crops)
+    return _test_views(source, n, num_frames, num_clips, transform)

@@ -1,0 +1,438 @@
+"""datasets/: list files, class lists, readers (frames, decord, PyAV), transforms, VideoDataset.
+
+All data is written by the tests into tmp_path. Frame k of every test video shows k as 6 vertical
+black/white stripes (a binary code), which survives JPEG and video compression, so reading tests can
+tell exactly which frame came back.
+"""
+
+import logging
+import os
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader
+
+import datasets
+from datasets import (CLIP_MEAN, CLIP_STD, ListFileError, SampleLoadError, VideoDataset,
+                      VideoRecord, build_transform, load_class_list, load_frames, load_video_clip,
+                      read_list_file, sample_indices)
+from datasets import readers
+from datasets.readers import VideoFile
+
+av = pytest.importorskip("av")
+
+W, H, BITS, NFRAMES = 96, 48, 6, 40
+STRIPE = W // BITS
+
+
+# ----------------------------------------------------------------------------- test data
+
+def frame_image(k: int) -> np.ndarray:
+    """(H, W, 3) uint8 image whose stripe j is white when bit j of k is set."""
+    img = np.full((H, W, 3), 16, np.uint8)
+    for j in range(BITS):
+        if (k >> j) & 1:
+            img[:, j * STRIPE:(j + 1) * STRIPE] = 235
+    return img
+
+
+def decode_codes(frames: torch.Tensor) -> list:
+    """Recover k from uint8 (K, 3, H, W) frames: the mean of each stripe's inner part."""
+    assert frames.dtype == torch.uint8 and frames.dim() == 4 and frames.shape[1] == 3
+    codes = []
+    for f in frames.float():
+        k = 0
+        for j in range(BITS):
+            inner = f[:, 4:-4, j * STRIPE + 4:(j + 1) * STRIPE - 4]
+            if inner.mean() > 128:
+                k |= 1 << j
+        codes.append(k)
+    return codes
+
+
+def write_frames(folder, n=NFRAMES, tmpl="img_{:05d}.jpg", start=1):
+    os.makedirs(folder, exist_ok=True)
+    for k in range(n):
+        Image.fromarray(frame_image(k)).save(os.path.join(folder, tmpl.format(start + k)), quality=90)
+    return str(folder)
+
+
+def write_video(path, n=NFRAMES, codec="libx264", faststart=False):
+    """Frames 0..n-1 as a video; ``faststart`` puts the index first (as streamable mp4s have it)."""
+    container = av.open(str(path), "w", options={"movflags": "faststart"} if faststart else {})
+    stream = container.add_stream(codec, rate=25)
+    stream.width, stream.height = W, H
+    stream.pix_fmt = "yuvj420p" if codec == "mjpeg" else "yuv420p"
+    stream.bit_rate = 2_000_000
+    if n == 0:
+        container.start_encoding()  # a container with a video stream but no frames
+    for k in range(n):
+        for packet in stream.encode(av.VideoFrame.from_ndarray(frame_image(k), format="rgb24")):
+            container.mux(packet)
+    for packet in stream.encode():
+        container.mux(packet)
+    container.close()
+    return str(path)
+
+
+def write_list(path, lines):
+    with open(path, "w") as f:
+        f.write("\n".join(lines) + "\n")
+    return str(path)
+
+
+@pytest.fixture(params=["decord", "pyav"])
+def backend(request):
+    """Run a test once with each video reader."""
+    if request.param == "decord":
+        pytest.importorskip("decord")
+    readers.set_video_backend(request.param)
+    yield request.param
+    readers.set_video_backend(None)
+
+
+# ----------------------------------------------------------------------------- list files
+
+def test_read_list_file_forms_and_root(tmp_path):
+    lst = write_list(tmp_path / "l.txt", [
+        "# comment", "",
+        "a/v1.mp4 300 3",
+        "abs_dir_video 0 1".replace("abs_dir_video", str(tmp_path / "abs")),
+        "b/v2.avi 7",            # num_frames left out
+        "c/v3.webm",             # no label
+        "air drumming/x y.mp4 120 2",  # spaces in the path
+        "d/v4.mp4 10 -1",        # unknown label
+    ])
+    recs = read_list_file(lst, root="ROOT")
+    assert recs[0] == VideoRecord(os.path.join("ROOT", "a/v1.mp4"), 300, 3, 3)
+    assert recs[1] == VideoRecord(str(tmp_path / "abs"), 0, 1, 4), "absolute paths ignore the root"
+    assert (recs[2].num_frames, recs[2].label) == (0, 7)
+    assert (recs[3].num_frames, recs[3].label) == (0, None)
+    assert recs[4].path == os.path.join("ROOT", "air drumming/x y.mp4") and recs[4].label == 2
+    assert recs[5].label is None and recs[5].line == 8
+    assert read_list_file(lst)[0].path == "a/v1.mp4"
+
+
+@pytest.mark.parametrize("bad", ["v.mp4 many 3", "v.mp4 30 x", "v.mp4 -4 1", "v.mp4 x", "v.mp4 3 -2"])
+def test_malformed_list_line_names_file_and_line(tmp_path, bad):
+    lst = write_list(tmp_path / "train.txt", ["ok.mp4 10 1", "ok2.mp4 10 0", bad])
+    with pytest.raises(ListFileError, match=r"train\.txt:3: "):
+        read_list_file(lst)
+
+
+def test_label_outside_class_list_fails_at_construction(tmp_path):
+    lst = write_list(tmp_path / "val.txt", ["a.mp4 10 1", "b.mp4 10 5", "c.mp4 10 0"])
+    assert len(read_list_file(lst, num_classes=6)) == 3
+    with pytest.raises(ListFileError, match=r"val\.txt:2: label 5 .*\[0, 5\)"):
+        read_list_file(lst, num_classes=5)
+    with pytest.raises(ListFileError, match=r"val\.txt:2"):
+        VideoDataset(lst, num_classes=5)  # before any video is opened
+
+
+def test_empty_or_missing_list(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nope.txt"):
+        read_list_file(tmp_path / "nope.txt")
+    with pytest.raises(ListFileError, match="no video lines"):
+        read_list_file(write_list(tmp_path / "e.txt", ["# nothing"]))
+
+
+def test_load_class_list(tmp_path):
+    p = tmp_path / "c.csv"
+    p.write_text('id,name\n0,abseiling\n1,air drumming\n2,"pushing, then pulling"\n')
+    assert load_class_list(p) == ["abseiling", "air drumming", "pushing, then pulling"]
+    for text, msg in [("name,id\n0,a\n", r"c\.csv:1: expected the header"),
+                      ("id,name\n0,a\n2,b\n", r"c\.csv:3: ids must be 0..K-1 in order; expected 1, got 2"),
+                      ("id,name\n0,a\n1,a\n", r"c\.csv:3: class name 'a' repeats"),
+                      ("id,name\nzero,a\n", r"c\.csv:2: id must be an integer"),
+                      ("id,name\n0,a,b\n", r"c\.csv:2: expected 2 fields"),
+                      ("id,name\n", "no classes")]:
+        p.write_text(text)
+        with pytest.raises(ListFileError, match=msg):
+            load_class_list(p)
+
+
+def test_repository_class_lists_load():
+    root = os.path.join(os.path.dirname(__file__), "..", "lists")
+    sizes = {"ucf101_classes.csv": 101, "hmdb51_classes.csv": 51, "kinetics_400_classes.csv": 400,
+             "ssv2_classes.csv": 174}
+    for name, k in sizes.items():
+        path = os.path.join(root, name)
+        if os.path.exists(path):
+            assert len(load_class_list(path)) == k, name
+
+
+# ----------------------------------------------------------------------------- readers
+
+def test_frame_folder_returns_written_frames(tmp_path):
+    folder = write_frames(tmp_path / "v")
+    idx = [0, 7, 3, 3, 39]
+    frames = load_frames(folder, idx)
+    assert frames.shape == (5, 3, H, W) and frames.dtype == torch.uint8
+    assert decode_codes(frames) == idx
+    # other naming: 0-based, another template
+    folder0 = write_frames(tmp_path / "w", n=10, tmpl="{:06d}.jpg", start=0)
+    assert decode_codes(load_frames(folder0, [0, 9, 5], image_tmpl="{:06d}.jpg", index_start=0)) == [0, 9, 5]
+    assert readers.count_frame_files(folder, "img_{:05d}.jpg", 1) == NFRAMES
+
+
+@pytest.mark.parametrize("name,codec", [("v.mp4", "libx264"), ("v.mp4", "mpeg4"), ("v.avi", "mpeg4"),
+                                        ("v.avi", "mjpeg")])
+def test_video_file_returns_written_frames(tmp_path, backend, name, codec):
+    path = write_video(tmp_path / name, codec=codec)
+    video = VideoFile(path)
+    assert video.backend == backend
+    assert video.num_frames == NFRAMES, "frame count from the container"
+    idx = [0, 5, 17, 17, 39, 2]
+    frames = load_frames(path, idx)
+    assert frames.shape == (len(idx), 3, H, W) and frames.dtype == torch.uint8
+    assert decode_codes(frames) == idx
+
+
+def test_list_count_zero_uses_container_count(tmp_path, backend):
+    video = write_video(tmp_path / "v.mp4")
+    folder = write_frames(tmp_path / "f")
+    lst = write_list(tmp_path / "l.txt", [f"{video} 0 0", f"{video} {NFRAMES} 0", f"{video} 20 0",
+                                          f"{folder} 0 1", f"{folder} {NFRAMES} 1", f"{video} 1"])
+    ds = VideoDataset(lst, num_frames=4, mode="test", input_size=32)
+    v = [ds[i]["video"] for i in range(len(ds))]
+    assert torch.equal(v[0], v[1]), "count 0 must read the 40 frames the container has"
+    assert not torch.equal(v[0], v[2]), "a listed count is used when given"
+    assert torch.equal(v[3], v[4]), "count 0 for a frame folder counts its files"
+    assert torch.equal(v[5], v[0]), "'<path> <label>' leaves the count to the container"
+
+
+def test_pyav_fallback_when_decord_is_missing(tmp_path, monkeypatch, caplog):
+    monkeypatch.setitem(sys.modules, "decord", None)  # makes `import decord` raise ImportError
+    monkeypatch.setattr(readers, "_BACKEND", None)
+    with caplog.at_level(logging.INFO, logger="datasets.readers"):
+        assert datasets.video_backend() == "pyav"
+    assert "PyAV" in caplog.text and "decord" in caplog.text
+    path = write_video(tmp_path / "v.mp4")
+    assert decode_codes(load_frames(path, [1, 38])) == [1, 38]
+    monkeypatch.setattr(readers, "_BACKEND", None)
+
+
+# ----------------------------------------------------------------------------- transforms
+
+def _noise_clip(t=4, h=60, w=80, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    frame = torch.randint(0, 256, (1, 3, h, w), dtype=torch.uint8, generator=g)
+    return frame.expand(t, -1, -1, -1).contiguous()
+
+
+def test_transform_shapes_and_dtype():
+    clip = torch.randint(0, 256, (8, 3, 60, 80), dtype=torch.uint8)
+    out = build_transform("train", 32)(clip, torch.Generator().manual_seed(0))
+    assert out.shape == (8, 3, 32, 32) and out.dtype == torch.float32 and out.is_contiguous()
+    out = build_transform("test", 32)(clip)
+    assert out.shape == (8, 3, 32, 32) and out.dtype == torch.float32
+    out = build_transform("test", 32, num_crops=3)(clip)
+    assert out.shape == (3, 8, 3, 32, 32)
+    with pytest.raises(ValueError, match="uint8 clip"):
+        build_transform("test", 32)(clip.float())
+
+
+def test_train_transform_same_augmentation_for_every_frame():
+    clip = _noise_clip()
+    tf = build_transform("train", 32)
+    outs = []
+    for seed in range(30):
+        out = tf(clip, torch.Generator().manual_seed(seed))
+        assert all(torch.equal(out[0], out[t]) for t in range(1, out.shape[0])), f"seed {seed}"
+        outs.append(out[0])
+    # ... while different clips do get different augmentations
+    assert len({o.sum().item() for o in outs}) > 20
+    # and a given generator state reproduces the clip exactly
+    assert torch.equal(tf(clip, torch.Generator().manual_seed(3)), tf(clip, torch.Generator().manual_seed(3)))
+
+
+def test_flip_off_never_mirrors():
+    # Grey levels rising from right to left (grey: colour jitter cannot reorder them; a ramp:
+    # every crop contains a slope, and jitter keeps the brightest column below saturation).
+    ramp = torch.linspace(150, 20, 64).round().to(torch.uint8)
+    clip = ramp.view(1, 1, 1, 64).expand(2, 3, 48, 64).contiguous()
+
+    def left_brighter(out):
+        return (out[..., :4].mean() > out[..., -4:].mean()).item()
+    on, off = build_transform("train", 32, flip=True), build_transform("train", 32, flip=False)
+    flipped = [not left_brighter(on(clip, torch.Generator().manual_seed(s))) for s in range(40)]
+    assert 5 < sum(flipped) < 35, "flip=True must flip about half of the clips"
+    assert all(left_brighter(off(clip, torch.Generator().manual_seed(s))) for s in range(40))
+
+
+def test_normalisation_constants():
+    assert CLIP_MEAN == (0.48145466, 0.4578275, 0.40821073)
+    assert CLIP_STD == (0.26862954, 0.26130258, 0.27577711)
+    clip = torch.full((2, 3, 50, 70), 128, dtype=torch.uint8)
+    out = build_transform("test", 32)(clip)
+    for c in range(3):
+        expected = (128 / 255 - CLIP_MEAN[c]) / CLIP_STD[c]
+        assert torch.allclose(out[:, c], torch.full_like(out[:, c], expected), atol=1e-5)
+
+
+def test_test_transform_resize_and_centre_crop_geometry():
+    # a 60x80 frame whose columns encode their x position: after resizing the short side to
+    # int(32*256/224)=36 (-> 36x48) and a centre 32 crop, the left edge is column 8 of 48.
+    x = torch.arange(80, dtype=torch.float32).mul(3).to(torch.uint8)
+    clip = x.view(1, 1, 1, 80).expand(1, 3, 60, 80).contiguous()
+    out = build_transform("test", 32)(clip)
+    raw = out[0, 0] * CLIP_STD[0] + CLIP_MEAN[0]  # back to [0, 1]
+    col_left = raw[0, 0].item() * 255 / 3 * 48 / 80
+    assert abs(col_left - 8.5) < 1.0, col_left
+    # three crops: short side -> 32 (32x42), crops at x = 0, 5, 10
+    three = build_transform("test", 32, num_crops=3)(clip)
+    lefts = [(three[k, 0, 0, 0, 0] * CLIP_STD[0] + CLIP_MEAN[0]).item() * 255 / 3 * 42 / 80 for k in range(3)]
+    assert lefts[0] < lefts[1] < lefts[2] and abs(lefts[2] - lefts[0] - 10) < 1.5, lefts
+
+
+def test_fast_hue_matches_torchvision():
+    F = pytest.importorskip("torchvision.transforms.v2.functional")
+    x = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    x[0, :, :3, :3] = 0.5  # grey pixels have no hue
+    for h in (-0.1, -0.02, 0.07, 0.1, 0.5):
+        assert torch.allclose(datasets.transforms.adjust_hue(x, h), F.adjust_hue(x, h), atol=1e-5)
+
+
+# ----------------------------------------------------------------------------- VideoDataset
+
+def _good_and_bad(tmp_path, kind):
+    """A list whose 2nd line is broken in the way `kind` says; returns (list, bad file)."""
+    good = write_frames(tmp_path / "good")
+    bad = tmp_path / "bad"
+    line = f"{bad} {NFRAMES} 1"
+    if kind == "missing_frame":
+        write_frames(bad)
+        bad_file = bad / "img_00018.jpg"  # frame 17: a test-mode middle for T=8, n=40
+        os.remove(bad_file)
+    elif kind == "corrupt_jpeg":
+        write_frames(bad)
+        bad_file = bad / "img_00018.jpg"
+        data = bad_file.read_bytes()
+        bad_file.write_bytes(data[: len(data) // 2])
+    elif kind == "missing_video":
+        bad_file = tmp_path / "nope.mp4"
+        line = f"{bad_file} 0 1"
+    else:
+        bad_file = tmp_path / "bad.mp4"
+        line = f"{bad_file} 0 1"
+        if kind == "zero_byte_video":
+            bad_file.write_bytes(b"")
+        elif kind == "truncated_video":  # index at the end: lost
+            data = open(write_video(tmp_path / "full.mp4"), "rb").read()
+            bad_file.write_bytes(data[: len(data) // 2])
+        elif kind == "truncated_streamable_video":  # index kept, the last frames' data lost
+            data = open(write_video(tmp_path / "full.mp4", faststart=True), "rb").read()
+            bad_file.write_bytes(data[: len(data) * 17 // 20])
+        elif kind == "no_frames_video":
+            bad_file = tmp_path / "bad.avi"
+            line = f"{bad_file} 0 1"
+            write_video(bad_file, n=0, codec="mpeg4")
+    lst = write_list(tmp_path / "l.txt", [f"{good} 0 0", line, f"{good} 0 2"])
+    return lst, str(bad_file)
+
+
+BAD_KINDS = ["missing_frame", "corrupt_jpeg", "missing_video", "zero_byte_video", "truncated_video",
+             "truncated_streamable_video", "no_frames_video"]
+
+
+@pytest.mark.parametrize("kind", BAD_KINDS)
+def test_on_error_skip_replaces_and_counts(tmp_path, backend, kind, caplog):
+    lst, bad_file = _good_and_bad(tmp_path, kind)
+    ds = VideoDataset(lst, num_frames=8, mode="test", input_size=32, on_error="skip")
+    with caplog.at_level(logging.WARNING, logger="datasets.video_dataset"):
+        sample = ds[1]
+    assert sample["index"] == 2 and sample["label"] == 2 and sample["failed"] == 1
+    assert sample["video"].shape == (1, 8, 3, 32, 32)
+    assert ds[0]["failed"] == 0
+    summary = ds.failure_summary()
+    assert summary["count"] == 1 and list(summary["files"]) == [bad_file]
+    assert bad_file in caplog.text and "l.txt line 2" in caplog.text
+
+
+@pytest.mark.parametrize("kind", BAD_KINDS)
+def test_on_error_raise_names_the_file(tmp_path, backend, kind):
+    lst, bad_file = _good_and_bad(tmp_path, kind)
+    ds = VideoDataset(lst, num_frames=8, mode="test", input_size=32, on_error="raise")
+    with pytest.raises(SampleLoadError) as info:
+        ds[1]
+    assert bad_file in str(info.value) and info.value.path == bad_file
+
+
+def test_skip_wraps_around_and_gives_up_when_everything_fails(tmp_path):
+    good = write_frames(tmp_path / "good", n=10)
+    lst = write_list(tmp_path / "l.txt", [f"{good} 0 4", f"{tmp_path}/x.mp4 0 1", f"{tmp_path}/y.mp4 0 1"])
+    ds = VideoDataset(lst, num_frames=4, mode="train", input_size=32)
+    s = ds[2]
+    assert (s["index"], s["failed"], s["label"]) == (0, 1, 4), "replacement wraps to index 0"
+    all_bad = write_list(tmp_path / "b.txt", [f"{tmp_path}/x.mp4 0 1", f"{tmp_path}/y.mp4 0 1"])
+    with pytest.raises(RuntimeError, match="2 samples in a row failed"):
+        VideoDataset(all_bad, num_frames=4, input_size=32)[0]
+
+
+def test_dataset_train_sample_and_reproducibility(tmp_path):
+    folder = write_frames(tmp_path / "f")
+    lst = write_list(tmp_path / "l.txt", [f"{folder} {NFRAMES} 3"] * 4)
+    ds = VideoDataset(lst, num_frames=8, mode="train", input_size=32, seed=1, num_classes=4)
+    s = ds[0]
+    assert s["video"].shape == (8, 3, 32, 32) and s["video"].dtype == torch.float32
+    assert (s["label"], s["index"], s["failed"]) == (3, 0, 0)
+    assert torch.equal(ds[0]["video"], s["video"]), "same (seed, epoch, index) -> same clip"
+    assert not torch.equal(ds[1]["video"], s["video"]), "another index -> another clip"
+    ds.set_epoch(1)
+    assert not torch.equal(ds[0]["video"], s["video"]), "another epoch -> another clip"
+    ds.set_epoch(0)
+    assert torch.equal(ds[0]["video"], s["video"]), "resuming at an epoch reproduces it"
+    other = VideoDataset(lst, num_frames=8, mode="train", input_size=32, seed=2)
+    assert not torch.equal(other[0]["video"], s["video"]), "another seed -> another clip"
+
+
+def test_load_video_clip_is_the_test_pipeline(tmp_path, backend):
+    video = write_video(tmp_path / "v.mp4")
+    views = load_video_clip(video, num_frames=4, input_size=32, num_clips=2, num_crops=3)
+    assert views.shape == (6, 4, 3, 32, 32) and views.dtype == torch.float32
+    lst = write_list(tmp_path / "l.txt", [f"{video} 0 0"])
+    ds = VideoDataset(lst, num_frames=4, mode="test", input_size=32, num_clips=2, num_crops=3)
+    assert torch.equal(ds[0]["video"], views)
+    # clip-major order: views 0..2 are clip 0's three crops, built from clip 0's frames
+    idx = sample_indices(NFRAMES, 4, "test", num_clips=2)
+    crops0 = build_transform("test", 32, num_crops=3)(load_frames(video, idx[0]))
+    crops1 = build_transform("test", 32, num_crops=3)(load_frames(video, idx[1]))
+    assert torch.equal(views[:3], crops0) and torch.equal(views[3:], crops1)
+    assert not torch.equal(crops0, crops1)
+
+
+def test_dataloader_with_two_workers(tmp_path):
+    folder = write_frames(tmp_path / "f")
+    video = write_video(tmp_path / "v.mp4")
+    lines = [f"{folder} {NFRAMES} {i % 3}" if i % 2 else f"{video} 0 {i % 3}" for i in range(8)]
+    lines[5] = f"{tmp_path}/missing.mp4 0 1"
+    lst = write_list(tmp_path / "l.txt", lines)
+    ds = VideoDataset(lst, num_frames=4, mode="train", input_size=32, seed=7)
+
+    def run(workers, persistent=False, epochs=(0,)):
+        loader = DataLoader(ds, batch_size=2, num_workers=workers, persistent_workers=persistent)
+        out = []
+        for e in epochs:
+            ds.set_epoch(e)
+            batches = list(loader)
+            out.append((torch.cat([b["video"] for b in batches]), torch.cat([b["index"] for b in batches]),
+                        int(sum(b["failed"].sum() for b in batches))))
+        return out
+
+    (v2, idx2, failed2), (v2e1, _, _) = run(2, persistent=True, epochs=(0, 1))
+    (v0, idx0, failed0), = run(0)
+    assert v2.shape == (8, 4, 3, 32, 32)
+    assert idx2.tolist() == [0, 1, 2, 3, 4, 6, 6, 7], "index 5 is missing and replaced by 6"
+    assert failed2 == failed0 == 1, "the trainer sees every failure by summing batch['failed']"
+    # every sample is a different clip (workers do not repeat each other's random draws) ...
+    flat = v2.flatten(1)
+    distinct = {tuple(flat[i, :64].tolist()) for i in range(8) if i != 5}
+    assert len(distinct) == 7
+    # ... and the clips do not depend on the number of workers
+    assert torch.equal(v2, v0) and torch.equal(idx2, idx0)
+    # persistent workers still see set_epoch
+    ds.set_epoch(1)
+    assert torch.equal(v2e1[0], ds[0]["video"]) and not torch.equal(v2e1[0], v2[0])
