@@ -1,0 +1,41 @@
+"""Shared pytest fixtures: tiny, seeded, generated in memory or in ``tmp_path``; no network, no downloads."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from clip.model import CLIP, CLIPConfig
+
+# A ViT CLIP small enough to build in milliseconds; the full vocabulary so real token ids work.
+TINY_CLIP = dict(embed_dim=32, image_resolution=32, vision_layers=2, vision_width=64, vision_patch_size=8,
+                 context_length=77, vocab_size=49408, transformer_width=64, transformer_heads=1,
+                 transformer_layers=2, vision_heads=1)
+
+
+@pytest.fixture
+def tiny_clip_config() -> CLIPConfig:
+    """Sizes of the tiny CLIP (heads = width // 64, so they can be read back off the weights)."""
+    return CLIPConfig(**TINY_CLIP)
+
+
+@pytest.fixture
+def tiny_clip_state_dict(tiny_clip_config) -> dict:
+    """A seeded random tiny CLIP state dict in OpenAI's layout, every tensor perturbed.
+
+    LayerNorm weights and biases are moved off 1 and 0, so a loader that mixes them up, or drops one, changes
+    the outputs.
+    """
+    gen = torch.Generator().manual_seed(1234)
+    model = CLIP(tiny_clip_config)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=gen))
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+@pytest.fixture
+def tiny_clip_file(tmp_path, tiny_clip_state_dict):
+    """The tiny CLIP state dict saved with ``torch.save`` as ``tmp_path/tiny_clip.pt``."""
+    path = tmp_path / "tiny_clip.pt"
+    torch.save(tiny_clip_state_dict, path)
+    return path
