@@ -135,10 +135,9 @@ def train(cfg, args, dist_info, out: Path) -> dict:
     ddp_model = model
     if dist_info.enabled:
         ddp_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    metrics_csv = MetricsCSV(out / "metrics.csv") if dist_info.is_main else None
-    if metrics_csv is not None and start_epoch:
-        metrics_csv.truncate(start_epoch)
-    wandb = (WandbLogger(cfg.logging.wandb_project, cfg.to_dict(), mode=cfg.logging.wandb_mode, dir=str(out))
+    # Rows are 1-based epochs; a resumed run redoes epochs start_epoch + 1 onwards.
+    metrics_csv = MetricsCSV(out / "metrics.csv", start_epoch=start_epoch + 1) if dist_info.is_main else None
+    wandb = (WandbLogger(cfg.logging.wandb_project, config=cfg.to_dict(), mode=cfg.logging.wandb_mode, dir=str(out))
              if cfg.logging.wandb and dist_info.is_main else None)
 
     nonfinite_total, nonfinite_run = 0, 0
