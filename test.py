@@ -4,7 +4,8 @@ Without weights (and without ``test.weights`` in the config) the frozen CLIP bas
 CLIP, the standard zero-shot baseline). Protocols follow from the config's ``eval.sets``: several list files give
 mean and std over splits; ``class_subsets`` gives the Kinetics-600 subsets; sets with ``group: base|novel`` and
 several weights (one per training set) give base-to-novel with the harmonic mean. Writes into ``output_dir``:
-``results.json``, ``per_class_<set>_<split>.csv``, ``confusion_<set>_<split>.png``, ``config.yaml`` and ``log.txt``.
+``results.json``, ``per_class_<set>_<split>.csv``, ``confusion_<set>_<split>.png``, ``scores_<set>_<split>.npz``
+(per-video probabilities and labels), ``config.yaml`` and ``test_log.txt``.
 """
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ import logging
 import sys
 from pathlib import Path
 
-import torch
+import numpy as np
 
 import engine
 from utils import distributed
@@ -133,6 +134,8 @@ def write_class_files(res: dict, out: Path, tag: str = "") -> None:
         stem = f"{res['name']}_{Path(split['split']).stem}{tag}"
         scores, labels, names = split["_scores"], split["_labels"], split["_names"]
         write_per_class_csv(per_class_accuracy(scores, labels, names), out / f"per_class_{stem}.csv")
+        # Per-video class probabilities, for analyses of one's own (retrieval of errors, pairwise accuracy).
+        np.savez_compressed(out / f"scores_{stem}.npz", scores=scores.numpy(), labels=labels.numpy())
         save_confusion_png(confusion_matrix(scores, labels, len(names)), names, out / f"confusion_{stem}.png",
                            title=f"{res['name']} {split['split']}")
 

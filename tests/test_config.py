@@ -1,0 +1,65 @@
+"""Configs: every shipped YAML validates; extends, --opts, unknown keys and wrong types (issue 5)."""
+from pathlib import Path
+
+import pytest
+
+from utils.config import ConfigError, check_paths, load_config, parse_opts
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = sorted(p.relative_to(ROOT) for p in (ROOT / "configs").rglob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=str)
+def test_every_shipped_config_validates_and_has_no_absolute_paths(path):
+    cfg = load_config(ROOT / path)
+    text = (ROOT / path).read_text()
+    assert "/work/" not in text and "/home/" not in text
+    for s in cfg.eval.sets:
+        assert all(not Path(p).is_absolute() for p in s.lists)
+
+
+def test_paper_recipe_is_the_default():
+    cfg = load_config(ROOT / "configs/K-400/k400_train.yaml")
+    assert (cfg.data.num_frames, cfg.data.input_size, cfg.data.batch_size) == (8, 224, 80)
+    assert (cfg.solver.lr, cfg.solver.weight_decay, cfg.solver.betas, cfg.solver.eps) == (1e-4, 0.2, [0.9, 0.98], 1e-8)
+    assert cfg.solver.warmup_epochs == 5 and cfg.network.pretrained == "ViT-B/16"
+    assert cfg.network.t2l.temporal_tokens == "deep" and cfg.network.t2l.drop_path_rate == 0.1
+    assert load_config(ROOT / "configs/few_shot/ssv2_2shot.yaml").data.flip is False
+
+
+def test_extends_merges_and_opts_override(tmp_path):
+    (tmp_path / "base.yaml").write_text("data:\n  batch_size: 4\n  num_workers: 2\nsolver:\n  lr: 0.1\n")
+    (tmp_path / "exp.yaml").write_text("extends: base.yaml\ndata:\n  batch_size: 8\n")
+    cfg = load_config(tmp_path / "exp.yaml", ["solver.lr=1e-3", "data.flip=false"])
+    assert (cfg.data.batch_size, cfg.data.num_workers, cfg.solver.lr, cfg.data.flip) == (8, 2, 1e-3, False)
+    assert parse_opts(["a.b.c=[1, 2]"]) == {"a": {"b": {"c": [1, 2]}}}
+
+
+def test_config_errors_name_key_file_and_choices(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("data:\n  batch_sise: 4\n")
+    with pytest.raises(ConfigError, match=r"bad.yaml: unknown key\(s\) data.batch_sise; valid keys of data: .*batch_size"):
+        load_config(bad)
+    bad.write_text("solver:\n  epochs: ten\n")
+    with pytest.raises(ConfigError, match=r"bad.yaml: solver.epochs: expected an integer, got 'ten'"):
+        load_config(bad)
+    bad.write_text("solver:\n  precision: fp8\n")
+    with pytest.raises(ConfigError, match=r"solver.precision: must be one of auto, fp32, bf16, fp16"):
+        load_config(bad)
+    bad.write_text("extends: missing.yaml\n")
+    with pytest.raises(ConfigError, match=r"config file not found: .*missing.yaml"):
+        load_config(bad)
+    bad.write_text("data: [1, 2\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(bad)
+    bad.write_text("!!python/object/apply:os.system ['touch pwned']\n")
+    with pytest.raises(ConfigError):
+        load_config(bad)
+    assert not (tmp_path / "pwned").exists() and not Path("pwned").exists()
+
+
+def test_missing_inputs_are_listed_before_any_work(tmp_path):
+    cfg = load_config(ROOT / "configs/K-400/k400_train.yaml", [f"data.train_list={tmp_path}/none.txt"])
+    with pytest.raises(ConfigError, match=r"(?s)missing inputs.*data.train_list: .*none.txt does not exist.*"
+                                          r"eval.sets\[ucf101\].lists\[0\]"):
+        check_paths(cfg, train=True)
