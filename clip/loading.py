@@ -27,7 +27,7 @@ from typing import Dict, List, Optional, Tuple, Union
 
 import torch
 
-from .errors import CLIPLoadError
+from .errors import CLIPLoadError, short_reason
 from .model import CLIP, CLIPConfig, build_model
 from .pretrained import _MODELS, download, file_sha256, get_spec
 from .torchscript import is_torchscript_archive, read_torchscript_state_dict
@@ -68,24 +68,22 @@ def _read_safetensors(path: Path) -> Dict[str, torch.Tensor]:
     try:
         return load_file(str(path), device="cpu")
     except (SafetensorError, OSError, ValueError, RuntimeError) as err:
-        raise CLIPLoadError(f"cannot read the safetensors file {path} ({err}); the file may be truncated or not "
-                            f"a safetensors file.") from err
+        raise CLIPLoadError(f"cannot read the safetensors file {path} ({short_reason(err)}); the file may be truncated "
+                            f"or not a safetensors file.") from err
 
 
 def _read_torch(path: Path):
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise CLIPLoadError(
-            f"refusing to unpickle {path}: it holds objects other than tensors and plain containers ({first}). "
-            f"Expected a state dict of tensors (weights_only loading); re-save it with "
+            f"refusing to unpickle {path}: it holds objects other than tensors and plain containers "
+            f"({short_reason(err)}). Expected a state dict of tensors (weights_only loading); re-save it with "
             f"torch.save(model.state_dict(), path) or as safetensors.") from err
     except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile) as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise CLIPLoadError(f"cannot read {path} as a PyTorch file ({first}); the file may be truncated or in "
-                            f"another format. Expected a state dict saved by torch.save, a TorchScript archive, "
-                            f"or a .safetensors file.") from err
+        raise CLIPLoadError(f"cannot read {path} as a PyTorch file ({short_reason(err)}); the file may be "
+                            f"truncated or in another format. Expected a state dict saved by torch.save, a "
+                            f"TorchScript archive, or a .safetensors file.") from err
 
 
 def _read_file(path: Path) -> Tuple[object, str]:

@@ -70,7 +70,8 @@ class SimpleTokenizer:
     def __init__(self, vocab_path: Union[str, Path] = DEFAULT_VOCAB):
         vocab_path = Path(vocab_path)
         try:
-            lines = gzip.open(vocab_path, "rt", encoding="utf-8").read().split("\n")
+            with gzip.open(vocab_path, "rt", encoding="utf-8") as f:
+                lines = f.read().split("\n")
         except (OSError, EOFError, UnicodeDecodeError) as err:
             raise ValueError(f"cannot read the BPE vocabulary {vocab_path}: {err}; expected the gzipped merges "
                              f"file bpe_simple_vocab_16e6.txt.gz shipped with clip/") from err
@@ -105,11 +106,11 @@ class SimpleTokenizer:
         """Merge the symbols of one byte-mapped word, lowest merge rank first, until no known pair is left."""
         parts = list(word[:-1]) + [word[-1] + _END_OF_WORD]
         while len(parts) > 1:
-            ranked = [(self.merge_rank.get((a, b)), i) for i, (a, b) in enumerate(zip(parts, parts[1:]))]
-            ranked = [(r, i) for r, i in ranked if r is not None]
-            if not ranked:
+            ranks = [self.merge_rank.get(pair) for pair in zip(parts, parts[1:])]
+            known = [r for r in ranks if r is not None]
+            if not known:
                 break
-            first, second = self.merges[min(ranked)[0]]
+            first, second = self.merges[min(known)]
             # Merge every non-overlapping occurrence of the best pair, left to right.
             merged, i = [], 0
             while i < len(parts):

@@ -23,7 +23,7 @@ from typing import Dict, Union
 
 import torch
 
-from .errors import CLIPLoadError
+from .errors import CLIPLoadError, short_reason
 
 logger = logging.getLogger(__name__)
 
@@ -179,8 +179,8 @@ def read_torchscript_state_dict(path: Union[str, os.PathLike]) -> Dict[str, torc
     try:
         zf = zipfile.ZipFile(path)
     except (zipfile.BadZipFile, OSError) as err:
-        raise CLIPLoadError(f"{path} is not a readable TorchScript archive ({err}); the file may be truncated. "
-                            f"Expected a zip holding <name>/data.pkl and <name>/data/<n>.") from err
+        raise CLIPLoadError(f"{path} is not a readable TorchScript archive ({short_reason(err)}); the file may "
+                            f"be truncated. Expected a zip holding <name>/data.pkl and <name>/data/<n>.") from err
     with zf:
         pickles = [n for n in zf.namelist() if n.count("/") == 1 and n.endswith("/data.pkl")]
         if len(pickles) != 1:
@@ -196,7 +196,8 @@ def read_torchscript_state_dict(path: Union[str, os.PathLike]) -> Dict[str, torc
         except (pickle.UnpicklingError, EOFError, zipfile.BadZipFile, ValueError, TypeError, AttributeError,
                 IndexError, KeyError, OSError, RuntimeError) as err:
             raise CLIPLoadError(
-                f"refusing to read {path}: its module pickle ({pickles[0]}) could not be read safely ({err}). "
+                f"refusing to read {path}: its module pickle ({pickles[0]}) could not be read safely "
+                f"({short_reason(err)}). "
                 f"Expected an OpenAI CLIP TorchScript archive holding only tensors and module objects; the file "
                 f"is damaged or contains code.") from err
     if not isinstance(root, _Namespace):
