@@ -239,3 +239,29 @@ def random_clip(config: dict, seed: int = 0) -> torch.nn.Module:
         model = CLIP(CLIPConfig(**config)).eval()
     model.source_identity = {"name_or_path": "random", "seed": seed, "config": dict(config)}
     return model
+
+
+def _convert_main(argv=None) -> int:
+    """``python -m modules.checkpoint OURS.pt PUBLISHED.pth``: write the published full-model layout."""
+    import argparse
+
+    p = argparse.ArgumentParser(prog="python -m modules.checkpoint",
+                                description="Convert a T2L checkpoint of ours (or a published one) into the published "
+                                            "layout (full fp16 model), readable by the original T2L/EZ-CLIP code.",
+                                epilog="example: python -m modules.checkpoint output/k400_zero_shot/last.pt "
+                                       "k400_published.pth")
+    p.add_argument("src")
+    p.add_argument("dst")
+    p.add_argument("--fp32", action="store_true", help="keep fp32 instead of the published fp16")
+    p.add_argument("--trust-checkpoint", action="store_true", help="allow full unpickling (only for trusted files)")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    ckpt = read_checkpoint(args.src, trust=args.trust_checkpoint)
+    model = load_t2l(args.src, trust=args.trust_checkpoint)
+    save_published(model, args.dst, epoch=int(ckpt.get("epoch", 0)), half=not args.fp32)
+    logger.info("wrote %s (published layout, %s)", args.dst, "fp32" if args.fp32 else "fp16")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(_convert_main())
