@@ -7,8 +7,9 @@ A list file names one video per line, space separated::
 ``num_frames`` may be 0 (count the frames when the video is read) or left out altogether
 (``<path> <label id>``), and a line with the path alone has no label (``label=None``, e.g. for
 unlabelled prediction lists). A label of -1 also means "unknown". Paths may contain spaces in the
-three-field form because the last two fields are taken from the right. Blank lines and lines that
-start with ``#`` are ignored.
+three-field form because the last two fields are taken from the right. Blank lines are ignored.
+There are no comment lines: HMDB-51 has videos named ``#437_How_To_Ride_A_Bike...``, so a line that
+starts with ``#`` is a video like any other.
 """
 
 from __future__ import annotations
@@ -99,7 +100,7 @@ def read_list_file(path: str, root: Optional[str] = None,
     with open(path, "r", encoding="utf-8") as f:
         for line_no, raw in enumerate(f, start=1):
             text = raw.strip()
-            if not text or text.startswith("#"):
+            if not text:
                 continue
             rec = _parse_line(text, path, line_no)
             label = rec.label

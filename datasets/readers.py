@@ -1,8 +1,7 @@
 """Read selected frames of one video: a folder of frame images or a video file.
 
 Frame folders hold one image per frame named by a template (``img_{:05d}.jpg``, first index 1 by
-default); images are decoded by Pillow (libjpeg-turbo). Video files
-are decoded by decord, which seeks and decodes only the requested frames. Where decord is not
+default); images are decoded by Pillow (libjpeg-turbo). Video files are decoded by decord, which seeks and decodes only the requested frames. Where decord is not
 importable (no wheel for the platform) PyAV is used instead: it decodes from the start up to the last
 requested frame, slower but everywhere. The reader in use is logged once.
 
@@ -33,8 +32,10 @@ _BACKEND: Optional[str] = None  # "decord" or "pyav", chosen on first use
 class SampleLoadError(RuntimeError):
     """A video (or one of its frames) could not be read. ``path`` names the offending file."""
 
-    def __init__(self, path: str, reason: str):
-        super().__init__(f"{path}: {reason}")
+    def __init__(self, path: str, reason: str = ""):
+        # One-argument construction must work too: DataLoader workers and pickling rebuild
+        # exceptions from their message alone.
+        super().__init__(f"{path}: {reason}" if reason else path)
         self.path = path
         self.reason = reason
 
@@ -45,10 +46,17 @@ def set_video_backend(name: Optional[str]) -> None:
     if name not in (None, "decord", "pyav"):
         raise ValueError(f"video backend must be 'decord', 'pyav' or None, got {name!r}")
     if name == "decord":
-        import decord  # noqa: F401  (fail here, not in the middle of an epoch)
+        _import_decord()  # fail here, not in the middle of an epoch
     _BACKEND = name
     if name is not None:
         logger.info("video reader: %s (set explicitly)", name)
+
+
+def _import_decord():
+    import decord
+    # ffmpeg's own messages about broken files would otherwise flood stderr; we raise our own.
+    decord.logging.set_level(decord.logging.QUIET)
+    return decord
 
 
 def video_backend() -> str:
@@ -56,9 +64,7 @@ def video_backend() -> str:
     global _BACKEND
     if _BACKEND is None:
         try:
-            import decord
-            # ffmpeg's own messages about broken files would otherwise flood stderr; we raise our own.
-            decord.logging.set_level(decord.logging.QUIET)
+            decord = _import_decord()
             _BACKEND = "decord"
             logger.info("video reader: decord %s", getattr(decord, "__version__", ""))
         except ImportError as e:
@@ -138,7 +144,7 @@ class VideoFile:
         if os.path.getsize(path) == 0:
             raise SampleLoadError(path, "video file is empty (0 bytes)")
         if self.backend == "decord":
-            import decord
+            decord = _import_decord()
             try:
                 self._vr = decord.VideoReader(path, num_threads=num_threads)
             except Exception as e:  # decord raises its own DECORDError / RuntimeError for any failure

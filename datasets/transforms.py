@@ -129,6 +129,10 @@ class TrainTransform:
                  jitter_p: float = 0.8, brightness: float = 0.4, contrast: float = 0.4,
                  saturation: float = 0.2, hue: float = 0.1, grayscale_p: float = 0.2,
                  mean: Sequence[float] = CLIP_MEAN, std: Sequence[float] = CLIP_STD):
+        if not 0 <= hue <= 0.5:
+            raise ValueError(f"hue jitter must be in [0, 0.5] (a fraction of the hue circle), got {hue}")
+        if not scales or any(not 0 < s <= 1 for s in scales):
+            raise ValueError(f"crop scales must be fractions in (0, 1], got {scales}")
         self.size = int(input_size)
         self.flip = flip
         self.scales = tuple(scales)
@@ -184,6 +188,8 @@ class TestTransform:
     Needs: uint8 ``(T, 3, H, W)`` (T may be several clips' frames stacked: the transform is per frame).
     Gives: float32 ``(T, 3, S, S)`` for one crop, ``(3, T, 3, S, S)`` for three crops.
     """
+
+    __test__ = False  # not a pytest test class, despite the name
 
     def __init__(self, input_size: int = 224, num_crops: int = 1,
                  mean: Sequence[float] = CLIP_MEAN, std: Sequence[float] = CLIP_STD):

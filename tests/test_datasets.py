@@ -98,7 +98,7 @@ def backend(request):
 
 def test_read_list_file_forms_and_root(tmp_path):
     lst = write_list(tmp_path / "l.txt", [
-        "# comment", "",
+        "#437_How_To_Ride_A_Bike_ride_bike_f_cm_np1_ba_med_0 91 7", "",
         "a/v1.mp4 300 3",
         "abs_dir_video 0 1".replace("abs_dir_video", str(tmp_path / "abs")),
         "b/v2.avi 7",            # num_frames left out
@@ -107,13 +107,16 @@ def test_read_list_file_forms_and_root(tmp_path):
         "d/v4.mp4 10 -1",        # unknown label
     ])
     recs = read_list_file(lst, root="ROOT")
+    assert len(recs) == 7
+    assert recs[0].path.endswith("#437_How_To_Ride_A_Bike_ride_bike_f_cm_np1_ba_med_0"), "'#' is no comment"
+    recs = recs[1:]
     assert recs[0] == VideoRecord(os.path.join("ROOT", "a/v1.mp4"), 300, 3, 3)
     assert recs[1] == VideoRecord(str(tmp_path / "abs"), 0, 1, 4), "absolute paths ignore the root"
     assert (recs[2].num_frames, recs[2].label) == (0, 7)
     assert (recs[3].num_frames, recs[3].label) == (0, None)
     assert recs[4].path == os.path.join("ROOT", "air drumming/x y.mp4") and recs[4].label == 2
     assert recs[5].label is None and recs[5].line == 8
-    assert read_list_file(lst)[0].path == "a/v1.mp4"
+    assert read_list_file(lst)[1].path == "a/v1.mp4"
 
 
 @pytest.mark.parametrize("bad", ["v.mp4 many 3", "v.mp4 30 x", "v.mp4 -4 1", "v.mp4 x", "v.mp4 3 -2"])
@@ -136,7 +139,7 @@ def test_empty_or_missing_list(tmp_path):
     with pytest.raises(FileNotFoundError, match="nope.txt"):
         read_list_file(tmp_path / "nope.txt")
     with pytest.raises(ListFileError, match="no video lines"):
-        read_list_file(write_list(tmp_path / "e.txt", ["# nothing"]))
+        read_list_file(write_list(tmp_path / "e.txt", ["", "  "]))
 
 
 def test_load_class_list(tmp_path):
@@ -436,3 +439,12 @@ def test_dataloader_with_two_workers(tmp_path):
     # persistent workers still see set_epoch
     ds.set_epoch(1)
     assert torch.equal(v2e1[0], ds[0]["video"]) and not torch.equal(v2e1[0], v2[0])
+
+
+def test_raise_in_a_worker_still_names_the_file(tmp_path):
+    bad = tmp_path / "broken.mp4"
+    bad.write_bytes(b"not a video at all" * 10)
+    lst = write_list(tmp_path / "l.txt", [f"{bad} 0 0"])
+    ds = VideoDataset(lst, num_frames=4, mode="test", input_size=32, on_error="raise")
+    with pytest.raises(SampleLoadError, match="broken.mp4"):
+        next(iter(DataLoader(ds, batch_size=1, num_workers=1)))
