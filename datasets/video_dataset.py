@@ -57,6 +57,10 @@ def _frame_count(source, listed: int) -> int:
         # The container's count is known after opening (decord); the list may be off by a frame.
         n = source.num_frames if listed <= 0 else min(listed, source.num_frames)
     if n <= 0:
+        if isinstance(source, FrameFolder):
+            first = source.image_tmpl.format(source.index_start)
+            raise SampleLoadError(source.path, f"no frame files in the folder (expected {first}, ... "
+                                  "from image_tmpl and index_start)")
         raise SampleLoadError(source.path, "video has no frames (0 frames found)")
     return n
 
@@ -219,8 +223,10 @@ def failure_summary_line(num_failed: int, num_samples: int, name: str = "") -> s
 
 def load_video_clip(path: str, num_frames: int = 8, input_size: int = 224, num_clips: int = 1,
                     num_crops: int = 1, image_tmpl: str = "img_{:05d}.jpg",
-                    index_start: int = 1) -> torch.Tensor:
+                    index_start: int = 1, listed_frames: int = 0) -> torch.Tensor:
     """Exactly the dataset's test pipeline for one frames folder or video file.
+
+    ``listed_frames`` is a list file's frame count (0: count the frames, as the dataset does).
 
     Returns:
         float32 ``(num_clips * num_crops, T, 3, S, S)``, clip-major, CLIP-normalised.
@@ -230,6 +236,6 @@ def load_video_clip(path: str, num_frames: int = 8, input_size: int = 224, num_c
     """
     _check_template(image_tmpl)
     source = open_source(os.fspath(path), image_tmpl, index_start)
-    n = _frame_count(source, 0)
+    n = _frame_count(source, int(listed_frames))
     transform = build_transform("test", input_size, num_crops=num_crops)
     return _test_views(source, n, num_frames, num_clips, transform)

@@ -399,6 +399,8 @@ def test_load_video_clip_is_the_test_pipeline(tmp_path, backend):
     lst = write_list(tmp_path / "l.txt", [f"{video} 0 0"])
     ds = VideoDataset(lst, num_frames=4, mode="test", input_size=32, num_clips=2, num_crops=3)
     assert torch.equal(ds[0]["video"], views)
+    assert torch.equal(load_video_clip(video, 4, 32, 2, 3, listed_frames=NFRAMES), views)
+    assert not torch.equal(load_video_clip(video, 4, 32, 2, 3, listed_frames=20), views)
     # clip-major order: views 0..2 are clip 0's three crops, built from clip 0's frames
     idx = sample_indices(NFRAMES, 4, "test", num_clips=2)
     crops0 = build_transform("test", 32, num_crops=3)(load_frames(video, idx[0]))
@@ -448,3 +450,60 @@ def test_raise_in_a_worker_still_names_the_file(tmp_path):
     ds = VideoDataset(lst, num_frames=4, mode="test", input_size=32, on_error="raise")
     with pytest.raises(SampleLoadError, match="broken.mp4"):
         next(iter(DataLoader(ds, batch_size=1, num_workers=1)))
+
+
+def test_wrong_frame_template_is_reported(tmp_path):
+    folder = write_frames(tmp_path / "f", n=5)
+    lst = write_list(tmp_path / "l.txt", [f"{folder} 0 0"])
+    ds = VideoDataset(lst, num_frames=4, mode="test", input_size=32, on_error="raise",
+                      image_tmpl="frame_{:04d}.png")
+    with pytest.raises(SampleLoadError, match=r"no frame files .*frame_0001\.png"):
+        ds[0]
+    with pytest.raises(ValueError, match="image_tmpl"):
+        VideoDataset(lst, image_tmpl="img.jpg")
+
+
+def test_test_transform_matches_a_pil_reference():
+    # Reference: Pillow resize of the short side to int(S*256/224) + centre crop, per frame.
+    T_ = pytest.importorskip("torchvision.transforms")
+    g = torch.Generator().manual_seed(0)
+    small = torch.randint(0, 256, (2, 3, 15, 20), dtype=torch.uint8, generator=g)
+    clip = torch.nn.functional.interpolate(small.float(), size=(60, 80), mode="bilinear").round().to(torch.uint8)
+    ours = build_transform("test", 32)(clip)
+    ref_tf = T_.Compose([T_.Resize(36, interpolation=T_.InterpolationMode.BILINEAR), T_.CenterCrop(32),
+                         T_.ToTensor(), T_.Normalize(CLIP_MEAN, CLIP_STD)])
+    ref = torch.stack([ref_tf(Image.fromarray(f.permute(1, 2, 0).numpy())) for f in clip])
+    diff = ((ours - ref) * torch.tensor(CLIP_STD).view(3, 1, 1)).abs()  # back in [0, 1] units
+    # identical in practice; a 1-pixel shift of the crop would give a mean difference of ~29/255
+    assert diff.mean() < 0.5 / 255 and diff.max() < 2.0 / 255, (diff.mean(), diff.max())
+
+
+def test_multiscale_crop_boxes():
+    tf = datasets.TrainTransform(224)
+    sizes = [240, 210, 180, 158]  # int(240 * s) for s in (1, .875, .75, .66)
+    expected = {(sizes[i], sizes[j]) for i in range(4) for j in range(4) if abs(i - j) <= 1}
+    seen = set()
+    for seed in range(400):
+        top, left, ch, cw = tf.sample_crop(240, 320, torch.Generator().manual_seed(seed))
+        assert (ch, cw) in expected
+        assert 0 <= top <= 240 - ch and 0 <= left <= 320 - cw
+        # one of the 13 fixed positions: multiples of a quarter of the free space
+        assert left % ((320 - cw) // 4 or 1) == 0 and top % ((240 - ch) // 4 or 1) == 0
+        seen.add((ch, cw))
+    assert seen == expected
+
+
+def test_train_transform_without_jitter_is_crop_then_resize():
+    T_ = pytest.importorskip("torchvision.transforms")
+    g = torch.Generator().manual_seed(1)
+    small = torch.randint(0, 256, (2, 3, 12, 16), dtype=torch.uint8, generator=g)
+    clip = torch.nn.functional.interpolate(small.float(), size=(48, 64), mode="bilinear").round().to(torch.uint8)
+    tf = datasets.TrainTransform(32, flip=False, jitter_p=0.0, grayscale_p=0.0)
+    for seed in range(5):
+        top, left, ch, cw = tf.sample_crop(48, 64, torch.Generator().manual_seed(seed))
+        out = tf(clip, torch.Generator().manual_seed(seed))
+        ref_tf = T_.Compose([T_.Resize((32, 32)), T_.ToTensor(), T_.Normalize(CLIP_MEAN, CLIP_STD)])
+        ref = torch.stack([ref_tf(Image.fromarray(f[:, top:top + ch, left:left + cw].permute(1, 2, 0).numpy()))
+                           for f in clip])
+        diff = ((out - ref) * torch.tensor(CLIP_STD).view(3, 1, 1)).abs()
+        assert diff.max() < 2.0 / 255, (seed, diff.max())
