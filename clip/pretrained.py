@@ -44,10 +44,12 @@ class PretrainedSpec:
 
     @property
     def filename(self) -> str:
+        """The file name in the cache folder, as in the address (``ViT-B-16.pt``)."""
         return self.url.rsplit("/", 1)[-1]
 
     @property
     def sha256(self) -> str:
+        """The expected SHA-256, the second-to-last part of the address."""
         return self.url.rsplit("/", 2)[-2]
 
 

@@ -25,8 +25,10 @@ def tiny_clip_state_dict(tiny_clip_config) -> dict:
     LayerNorm weights and biases are moved off 1 and 0, so a loader that mixes them up, or drops one, changes
     the outputs.
     """
-    gen = torch.Generator().manual_seed(1234)
-    model = CLIP(tiny_clip_config)
+    with torch.random.fork_rng(devices=[]):  # seeded, without touching the global RNG of other tests
+        torch.manual_seed(1234)
+        model = CLIP(tiny_clip_config)
+    gen = torch.Generator().manual_seed(5678)
     with torch.no_grad():
         for p in model.parameters():
             p.add_(0.05 * torch.randn(p.shape, generator=gen))
