@@ -1,0 +1,481 @@
+"""Export one embedding per video (or per text) from T2L or a frozen CLIP, in shards, resumably.
+
+Videos: a list file (``<path> <num_frames> <label>`` per line, as test.py reads), a folder of videos or a folder
+of frame folders (searched recursively). Each video is read with test.py's preprocessing, encoded, its views
+(--clips x --crops) averaged, and its L2-normalised embedding written. Texts (--texts): a class list CSV
+(``id,name``), a descriptions CSV (``SNo,Class Name,Description``) or a text file of prompts, one per line.
+
+Written into OUT:
+  shard_00000.npy ...   float32 (n, E), L2-normalised, n <= --shard-size rows
+  frames_00000.npy ...  float32 (n, V, T, E) per-frame embeddings, each L2-normalised (with --per-frame)
+  manifest.jsonl        one JSON object per row: path (or key, text, class_id, class_name, view, line), label,
+                        shard, row, num_frames (frames in the video), model, config_hash
+  failures.txt          '<path><TAB><reason>' for every video that could not be read
+  export_config.json    the model identity and settings behind config_hash
+  summary.json          counts and speed of the last run; extract_log.txt: the log
+
+A shard is written to a temporary file, synced and renamed before its manifest lines are appended, and a
+rerun first drops any shard without complete manifest lines (and any line whose shard is missing), so an
+interrupted run is resumed by running the same command again: videos already in the manifest are skipped,
+failed videos are tried again. A rerun with another model or other settings into the same OUT is refused.
+Exit status: 0 all exported, 1 some videos could not be read (listed in failures.txt), 2 bad input.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+from datasets import SampleLoadError, read_list_file
+from datasets.readers import open_source
+from datasets.transforms import build_transform
+# The dataset's own test-view steps, so that a list file's frame counts are used exactly as test.py uses them.
+from datasets.video_dataset import _frame_count, _test_views
+from features import VideoTextEncoder, find_videos, load_model, read_text_items
+from utils.checkpoint import UnsafeCheckpointError
+
+logger = logging.getLogger("extract_features")
+
+MANIFEST = "manifest.jsonl"
+FAILURES = "failures.txt"
+CONFIG = "export_config.json"
+SUMMARY = "summary.json"
+EXPORT_FORMAT = {"format": "t2l-features", "version": 1}
+
+
+class BadInput(ValueError):
+    """Input the run cannot use (missing files, a folder holding another export): exit status 2."""
+
+
+# ---------------------------------------------------------------------------------------------- reading
+class ExportVideos(Dataset):
+    """Test views of each video, with every failure caught per video (never replaced by a neighbour).
+
+    ``entries``: (path, frame count from the list or 0 to count). Item: ``{"index", "views" (V, T, 3, S, S) or
+    None, "num_frames", "error"}``.
+    """
+
+    def __init__(self, entries: list, encoder: VideoTextEncoder):
+        self.entries = entries
+        self.num_frames = encoder.num_frames
+        self.num_clips = encoder.num_clips
+        self.image_tmpl = encoder.image_tmpl
+        self.index_start = encoder.index_start
+        self.transform = build_transform("test", encoder.input_size, num_crops=encoder.num_crops)
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def __getitem__(self, index: int) -> dict:
+        path, listed = self.entries[index]
+        try:
+            source = open_source(path, self.image_tmpl, self.index_start)
+            n = _frame_count(source, listed)
+            views = _test_views(source, n, self.num_frames, self.num_clips, self.transform)
+            return {"index": index, "views": views, "num_frames": n, "error": ""}
+        except SampleLoadError as e:
+            return {"index": index, "views": None, "num_frames": 0, "error": e.reason or str(e)}
+        except Exception as e:  # a decoder's own error type: still this video's failure, not the run's
+            return {"index": index, "views": None, "num_frames": 0, "error": f"{type(e).__name__}: {e}"}
+
+
+def collate(items: list) -> dict:
+    """Keep every item's outcome; stack the views of the readable ones (B_ok, V, T, 3, S, S)."""
+    ok = [it["views"] for it in items if not it["error"]]
+    return {"items": [{k: v for k, v in it.items() if k != "views"} for it in items],
+            "views": torch.stack(ok) if ok else None}
+
+
+# ---------------------------------------------------------------------------------------------- writing
+def _fsync_dir(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_write(path: Path, write) -> None:
+    """``write(file)`` into a temporary file next to ``path``, fsync, rename over ``path``."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    _fsync_dir(path.parent)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    atomic_write(path, lambda f: f.write(text.encode("utf-8")))
+
+
+def shard_name(i: int) -> str:
+    return f"shard_{i:05d}.npy"
+
+
+def frames_name(i: int) -> str:
+    return f"frames_{i:05d}.npy"
+
+
+def _rows(path: Path) -> Optional[int]:
+    """Rows of a .npy file from its header, or None when it is missing or unreadable."""
+    try:
+        return int(np.load(path, mmap_mode="r").shape[0])
+    except (OSError, ValueError):
+        return None
+
+
+class ShardStore:
+    """Shards plus manifest in one folder: recovery after a crash, buffered rows, atomic shard writes.
+
+    Invariant: a manifest line exists only for a row of a shard that was completely written (the shard is
+    renamed into place, synced, before its lines are appended), and a shard is used only when all of its rows
+    have manifest lines. :meth:`recover` restores the invariant after a kill at any point.
+    """
+
+    def __init__(self, out: Path, shard_size: int, per_frame: bool, key_field: str):
+        self.out = out
+        self.shard_size = shard_size
+        self.per_frame = per_frame
+        self.key_field = key_field
+        self.entries: list = []       # manifest lines, in order
+        self.done: set = set()        # keys already written
+        self.next_shard = 0
+        self._rows: list = []
+        self._frames: list = []
+        self._meta: list = []
+
+    def recover(self) -> None:
+        """Read the manifest; drop torn lines, lines of incomplete or missing shards, and unlisted shard files."""
+        manifest = self.out / MANIFEST
+        lines, torn = [], False
+        text = manifest.read_text(encoding="utf-8") if manifest.exists() else ""
+        if text and not text.endswith("\n"):
+            torn = True  # the last append was cut short by a kill: its lines are dropped below
+        for raw in text.splitlines():
+            try:
+                lines.append(json.loads(raw))
+            except json.JSONDecodeError:
+                torn = True
+                logger.warning("%s: dropping a cut-off line (interrupted write)", manifest)
+        by_shard: dict = {}
+        for entry in lines:
+            by_shard.setdefault(entry["shard"], []).append(entry)
+        keep = set()
+        for shard, entries in by_shard.items():
+            n = _rows(self.out / shard_name(shard))
+            complete = n == len(entries) and sorted(e["row"] for e in entries) == list(range(n))
+            if complete and self.per_frame:
+                complete = _rows(self.out / frames_name(shard)) == n
+            if complete:
+                keep.add(shard)
+            else:
+                logger.warning("%s: shard %d is incomplete or missing (%s rows on disk, %d manifest lines): its "
+                               "videos will be done again", self.out, shard, n, len(entries))
+        self.entries = [e for e in lines if e["shard"] in keep]
+        if torn or len(self.entries) != len(lines):
+            atomic_write_text(manifest, "".join(json.dumps(e) + "\n" for e in self.entries))
+        wanted = {shard_name(s) for s in keep} | ({frames_name(s) for s in keep} if self.per_frame else set())
+        for p in self.out.iterdir():
+            stray = (p.name.startswith(("shard_", "frames_")) and p.name.endswith(".npy") and p.name not in wanted)
+            if stray or (p.name.startswith(".") and p.name.endswith(".tmp")):
+                logger.info("removing %s (not in the manifest: left by an interrupted run)", p.name)
+                p.unlink()
+        self.done = {e[self.key_field] for e in self.entries}
+        self.next_shard = max(keep) + 1 if keep else 0
+
+    def add(self, meta: dict, embedding: np.ndarray, frames: Optional[np.ndarray] = None) -> None:
+        """Buffer one row; a full buffer is written as the next shard."""
+        self._meta.append(meta)
+        self._rows.append(embedding)
+        if self.per_frame:
+            self._frames.append(frames)
+        if len(self._rows) >= self.shard_size:
+            self.flush()
+
+    def flush(self) -> None:
+        """Write the buffered rows as one shard (frames first, then the shard, then the manifest lines)."""
+        if not self._rows:
+            return
+        index = self.next_shard
+        if self.per_frame:
+            frames = np.stack(self._frames).astype(np.float32)
+            atomic_write(self.out / frames_name(index), lambda f: np.save(f, frames))
+        rows = np.stack(self._rows).astype(np.float32)
+        atomic_write(self.out / shard_name(index), lambda f: np.save(f, rows))
+        new = [{**meta, "shard": index, "row": r} for r, meta in enumerate(self._meta)]
+        # One write of all the shard's lines, synced: a kill leaves at most a cut-off tail, which recover() drops.
+        with open(self.out / MANIFEST, "a", encoding="utf-8") as f:
+            f.write("".join(json.dumps(e) + "\n" for e in new))
+            f.flush()
+            os.fsync(f.fileno())
+        self.entries.extend(new)
+        self.done.update(e[self.key_field] for e in new)
+        self.next_shard += 1
+        self._rows, self._frames, self._meta = [], [], []
+
+    @property
+    def num_rows(self) -> int:
+        return len(self.entries)
+
+
+# ---------------------------------------------------------------------------------------------- run
+def read_video_entries(args) -> list:
+    """(path, frame count from the list or 0, label or None) per video, in input order, without repeats."""
+    src = Path(args.input)
+    if src.is_dir():
+        if args.root:
+            raise BadInput("--root applies to list files; the input is a folder")
+        entries = [(p, 0, None) for p in find_videos(src, args.image_tmpl, args.index_start)]
+        if not entries:
+            raise BadInput(f"{src}: no videos ({', '.join(('.mp4', '.avi', '.webm', '...'))}) and no frame "
+                           f"folders (holding {args.image_tmpl.format(args.index_start)}) found")
+    elif src.is_file():
+        entries = [(r.path, r.num_frames, r.label) for r in read_list_file(str(src), root=args.root)]
+    else:
+        raise BadInput(f"input not found: {src} (expected a list file, a folder of videos or of frame folders)")
+    seen, unique = set(), []
+    for e in entries:
+        if e[0] in seen:
+            logger.warning("%s: %s is listed more than once; its features are exported once", src, e[0])
+            continue
+        seen.add(e[0])
+        unique.append(e)
+    return unique
+
+
+def check_or_write_config(out: Path, config: dict) -> None:
+    """Record the export's settings; refuse a folder that holds features made differently."""
+    path = out / CONFIG
+    if path.exists():
+        try:
+            old = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError) as e:
+            raise BadInput(f"{path} is unreadable ({e}); it belongs to an earlier export. Use a new --out folder "
+                           f"or delete {out}") from None
+        if old.get("config_hash") != config["config_hash"]:
+            diffs = [f"{k}: {old.get('settings', {}).get(k)!r} -> {v!r}" for k, v in config["settings"].items()
+                     if old.get("settings", {}).get(k) != v]
+            raise BadInput(
+                f"{out} already holds features made with another model or other settings (config hash "
+                f"{old.get('config_hash')}, model {old.get('model', {}).get('source')}) than this run (config hash "
+                f"{config['config_hash']}, model {config['model'].get('source')}); differences: "
+                f"{'; '.join(diffs) or 'see ' + CONFIG}. Mixing them would give features that cannot be compared: "
+                f"use another --out folder, or delete {out} to start over")
+        return
+    atomic_write_text(path, json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
+def export_videos(args, encoder: VideoTextEncoder, out: Path) -> dict:
+    entries = read_video_entries(args)
+    extra = {**EXPORT_FORMAT, "mode": "videos", "per_frame": bool(args.per_frame)}
+    config_hash = encoder.config_hash(extra)
+    check_or_write_config(out, {**extra, "config_hash": config_hash, "model": encoder.identity,
+                                "settings": {**encoder.settings(), **extra}, "embed_dim": encoder.embed_dim})
+    store = ShardStore(out, args.shard_size, args.per_frame, key_field="path")
+    store.recover()
+    pending = [e for e in entries if e[0] not in store.done]
+    logger.info("%d videos in %s: %d already exported, %d to do", len(entries), args.input,
+                len(entries) - len(pending), len(pending))
+    base = {"model": encoder.describe(), "config_hash": config_hash}
+    failures: dict = {}
+    loader = DataLoader(ExportVideos([(p, n) for p, n, _ in pending], encoder), batch_size=args.batch_size,
+                        shuffle=False, num_workers=args.workers, collate_fn=collate,
+                        pin_memory=encoder.device.type == "cuda", drop_last=False)
+    done_now, start = 0, time.perf_counter()
+    bar = tqdm(total=len(pending), desc="videos", unit="video", disable=args.no_progress, dynamic_ncols=True)
+    try:
+        for batch in loader:
+            if batch["views"] is not None:
+                video, frames = encoder.encode_clips(batch["views"], return_frames=True)
+                video, frames = video.numpy(), frames.numpy()
+            j = 0
+            for it in batch["items"]:
+                path, _, label = pending[it["index"]]
+                if it["error"]:
+                    failures[path] = " ".join(it["error"].split())
+                    logger.warning("cannot read %s: %s", path, failures[path])
+                    continue
+                store.add({"path": path, "label": label, "num_frames": it["num_frames"], **base}, video[j],
+                          frames[j] if args.per_frame else None)
+                j += 1
+                done_now += 1
+            bar.update(len(batch["items"]))
+            bar.set_postfix(failed=len(failures), refresh=False)
+        store.flush()
+    finally:
+        bar.close()
+        order = {p: i for i, (p, _, _) in enumerate(entries)}
+        atomic_write_text(out / FAILURES, "".join(f"{p}\t{failures[p]}\n" for p in sorted(failures, key=order.get)))
+    seconds = time.perf_counter() - start
+    return {"mode": "videos", "input": os.fspath(args.input), "videos_in_input": len(entries),
+            "exported": store.num_rows, "failed": len(failures), "shards": store.next_shard,
+            "config_hash": config_hash,
+            "last_run": {"exported": done_now, "already_done": len(entries) - len(pending), "failed": len(failures),
+                         "seconds": round(seconds, 3),
+                         "videos_per_second": round(len(pending) / seconds, 3) if seconds > 0 else None,
+                         "batch_size": args.batch_size, "workers": args.workers}}
+
+
+def export_texts(args, encoder: VideoTextEncoder, out: Path) -> dict:
+    import clip
+
+    items, kind = read_text_items(args.texts, descriptions=args.descriptions, templates=args.templates)
+    sources = [args.texts] + ([args.descriptions] if args.descriptions else [])
+    # The texts are part of the identity: a rerun with another file must not be taken for the same rows.
+    extra = {**EXPORT_FORMAT, "mode": "texts", "per_frame": False, "templates": bool(args.templates),
+             "texts_sha256": [clip.file_sha256(p) for p in sources]}
+    config_hash = encoder.config_hash(extra)
+    check_or_write_config(out, {**extra, "config_hash": config_hash, "model": encoder.identity,
+                                "settings": {**encoder.settings(), **extra}, "embed_dim": encoder.embed_dim})
+    store = ShardStore(out, args.shard_size, False, key_field="key")
+    store.recover()
+    keyed = [(f"line {it.line}" if it.line is not None else f"view {it.view} class {it.class_id}", it)
+             for it in items]
+    pending = [(k, it) for k, it in keyed if k not in store.done]
+    logger.info("%d texts (%s) in %s: %d already exported", len(items), kind, args.texts, len(items) - len(pending))
+    base = {"model": encoder.describe(), "config_hash": config_hash}
+    start = time.perf_counter()
+    step = 256
+    for i in tqdm(range(0, len(pending), step), desc="texts", unit="batch", disable=args.no_progress,
+                  dynamic_ncols=True):
+        chunk = pending[i:i + step]
+        emb = encoder.encode_texts([it.text for _, it in chunk]).numpy()
+        for (key, it), e in zip(chunk, emb):
+            meta = {"key": key, "text": it.text, "class_id": it.class_id, "class_name": it.class_name,
+                    "view": it.view, "line": it.line, **base}
+            store.add(meta, e)
+    store.flush()
+    atomic_write_text(out / FAILURES, "")
+    seconds = time.perf_counter() - start
+    return {"mode": "texts", "kind": kind, "input": os.fspath(args.texts), "texts": len(items),
+            "exported": store.num_rows, "failed": 0, "shards": store.next_shard, "config_hash": config_hash,
+            "last_run": {"exported": len(pending), "already_done": len(items) - len(pending),
+                         "seconds": round(seconds, 3)}}
+
+
+# ---------------------------------------------------------------------------------------------- command line
+EXAMPLES = """examples:
+  # one embedding per validation video of the demo, with the demo's T2L checkpoint
+  python extract_features.py demo_data/val.txt --root demo_data/frames --model demo_output/train/last.pt \\
+      --out features/demo_val
+  # a folder of .mp4 files, frozen CLIP ViT-B/16, 3 clips x 3 crops averaged, per-frame embeddings too
+  python extract_features.py my_videos/ --model ViT-B/16 --out features/mine --clips 3 --crops 3 --per-frame
+  # the class texts (descriptions) in the same embedding space
+  python extract_features.py --texts demo_data/classes.csv --descriptions demo_data/descriptions.csv \\
+      --model demo_output/train/last.pt --out features/demo_classes
+  # then, in Python: nearest class per video
+  #   v = np.concatenate([np.load(p) for p in sorted(glob('features/demo_val/shard_*.npy'))])
+  #   t = np.concatenate([np.load(p) for p in sorted(glob('features/demo_classes/shard_*.npy'))])
+  #   top1 = (v @ t.T).argmax(1)   # rows of t follow manifest.jsonl's class_id
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("input", nargs="?", help="list file, folder of videos or folder of frame folders (not with --texts)")
+    p.add_argument("--model", required=True,
+                   help="T2L checkpoint (ours or published), a CLIP name (ViT-B/16 ...) or a CLIP weights file")
+    p.add_argument("--out", required=True, help="output folder (created; rerun the same command to resume)")
+    p.add_argument("--texts", help="export text embeddings instead: a class list CSV (id,name), a descriptions "
+                                   "CSV (SNo,Class Name,Description) or a text file with one prompt per line")
+    p.add_argument("--descriptions", help="with --texts CLASSES.csv: the descriptions CSV of those classes")
+    p.add_argument("--templates", action="store_true",
+                   help="with --texts CLASSES.csv: the 16 prompt templates per class (rows are view-major: v*K+k)")
+    p.add_argument("--root", help="folder the list file's relative paths are taken from")
+    p.add_argument("--frames", type=int, default=None, help="frames per clip (default: the T2L model's, or 8)")
+    p.add_argument("--input-size", type=int, default=None, help="frame side in pixels (default: the model's)")
+    p.add_argument("--clips", type=int, default=1, help="temporal clips per video, averaged (default 1)")
+    p.add_argument("--crops", type=int, default=1, choices=(1, 3), help="spatial crops per clip, averaged (default 1)")
+    p.add_argument("--batch-size", type=int, default=8, help="videos per batch (default 8)")
+    p.add_argument("--workers", type=int, default=2, help="data loading worker processes (default 2)")
+    p.add_argument("--shard-size", type=int, default=1000, help="rows per shard file (default 1000)")
+    p.add_argument("--per-frame", action="store_true", help="also save per-frame embeddings (frames_*.npy)")
+    p.add_argument("--image-tmpl", default="img_{:05d}.jpg", help="frame file names (default img_{:05d}.jpg)")
+    p.add_argument("--index-start", type=int, default=1, help="number of the first frame file (default 1)")
+    p.add_argument("--device", default="auto", help="auto (GPU if any), cpu, cuda, cuda:N (default auto)")
+    p.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16", "fp16"),
+                   help="auto: bf16 (fp16 on older GPUs) on GPU, fp32 on CPU (default auto)")
+    p.add_argument("--trust-checkpoint", action="store_true",
+                   help="allow checkpoints that need full unpickling (can run code): only files you trust")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return p
+
+
+def validate(args, parser) -> None:
+    if (args.input is None) == (args.texts is None):
+        parser.error("give either INPUT (a list file or a folder of videos) or --texts FILE, not both or neither")
+    if (args.descriptions or args.templates) and not args.texts:
+        parser.error("--descriptions and --templates apply to --texts")
+    for name in ("batch_size", "shard_size", "clips"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be >= 1")
+    if args.workers < 0:
+        parser.error("--workers must be >= 0")
+
+
+def main(argv=None) -> int:
+    """Run an export; returns the exit status (0 done, 1 some videos unreadable, 2 bad input)."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    validate(args, parser)
+    from utils.logger import setup_logging
+
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        logger.error("--out %s exists and is not a folder", out)
+        return 2
+    out.mkdir(parents=True, exist_ok=True)
+    setup_logging(str(out), 0, filename="extract_log.txt")
+    try:
+        encoder = load_model(args.model, device=args.device, precision=args.precision, num_frames=args.frames,
+                             input_size=args.input_size, num_clips=args.clips, num_crops=args.crops,
+                             image_tmpl=args.image_tmpl, index_start=args.index_start, trust=args.trust_checkpoint)
+        summary = export_texts(args, encoder, out) if args.texts else export_videos(args, encoder, out)
+    except KeyboardInterrupt:
+        logger.error("interrupted: the shards written so far are kept; run the same command again to resume")
+        return 130
+    except (BadInput, FileNotFoundError, ValueError, SampleLoadError, UnsafeCheckpointError, OSError) as e:
+        # ValueError covers ListFileError, CheckpointError, CLIPLoadError and bad sizes: each names what is wrong
+        logger.error("%s", e)
+        return 2
+    summary.update(model=encoder.describe(), embed_dim=encoder.embed_dim, device=str(encoder.device),
+                   dtype=str(encoder.dtype).replace("torch.", ""))
+    atomic_write_text(out / SUMMARY, json.dumps(summary, indent=2) + "\n")
+    last = summary["last_run"]
+    logger.info("done: %d %s exported in %d shard(s) under %s (%d this run, %d already there), %d failed%s; "
+                "%.1f s", summary["exported"], summary["mode"], summary["shards"], out, last["exported"],
+                last["already_done"], summary["failed"], f" (see {out / FAILURES})" if summary["failed"] else "",
+                last["seconds"])
+    if summary["mode"] == "videos" and last.get("videos_per_second"):
+        logger.info("throughput: %.2f videos/s (%s, %s)", last["videos_per_second"], summary["device"],
+                    summary["dtype"])
+    return 1 if summary["failed"] else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,508 @@
+"""Video and text embeddings from T2L or a frozen CLIP: the public Python API.
+
+    from features import load_model
+    m = load_model("demo_output/train/last.pt")            # a T2L checkpoint (ours or published) or a CLIP
+    v = m.encode_videos(["a.mp4", "frames/b"])              # (2, E) float32, L2-normalised
+    t = m.encode_texts(["a person jumping"])                # (1, E) float32, L2-normalised
+    best = (v @ t.T).argmax(dim=1)                          # cosine similarity -> nearest text
+
+What is loaded (``load_model``): an OpenAI CLIP name (``ViT-B/16``) or a CLIP weight file/folder gives the
+frame-averaged CLIP (the zero-shot baseline of test.py); a checkpoint of this project or a published T2L
+checkpoint gives T2L. Our checkpoints record the frozen backbone they were trained on (a CLIP name or file with
+its SHA-256, or the seeded random CLIP of the demo), which is rebuilt from that record.
+
+Preprocessing is test.py's, through ``datasets.load_video_clip``: TSN segment middles, resize of the short side
+to S*256/224, centre crop S (three crops of side S with ``num_crops=3``), CLIP normalisation. So the features
+are those the classifier sees.
+
+Views: with ``num_clips`` x ``num_crops`` views per video, each view is encoded, its video embedding
+L2-normalised, the normalised embeddings averaged over the views and the mean normalised again. (test.py
+instead averages class probabilities over views; with one view the two agree exactly, with several the
+nearest class can differ in rare near-ties.) Per-frame embeddings are returned per view: (N, V, T, E), each
+frame's embedding L2-normalised.
+"""
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import logging
+import os
+import pickle
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Optional, Sequence, Union
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm import tqdm
+
+import clip
+import engine
+from datasets import load_class_list, load_video_clip
+from modules import TEMPLATES, class_texts, load_t2l, read_descriptions
+from utils.distributed import pick_device
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["VideoTextEncoder", "load_model", "model_kind", "ClassTexts", "TextItem", "read_class_texts",
+           "read_text_items", "csv_kind", "find_videos", "pool_views", "TEMPLATES", "VIDEO_EXTENSIONS",
+           "DEFAULT_FRAMES"]
+
+PathLike = Union[str, os.PathLike]
+VIDEO_EXTENSIONS = (".mp4", ".avi", ".webm", ".mkv", ".mov", ".m4v", ".mpg", ".mpeg", ".flv", ".wmv", ".3gp",
+                    ".ogv", ".ts")
+DEFAULT_FRAMES = 8  # frames per clip for a frozen CLIP, which has no trained frame count
+
+
+# ---------------------------------------------------------------------------------------------- views
+def pool_views(view_emb: torch.Tensor, num_views: int) -> torch.Tensor:
+    """Video embeddings of every view (B*V, E), view-minor -> one L2-normalised embedding per video (B, E).
+
+    Each view is normalised first so that no view weighs more for having a larger norm, then the mean is
+    normalised again.
+    """
+    E = view_emb.shape[-1]
+    views = F.normalize(view_emb.float(), dim=-1).view(-1, num_views, E)  # (B*V, E) -> (B, V, E)
+    return F.normalize(views.mean(dim=1), dim=-1)
+
+
+# ---------------------------------------------------------------------------------------------- model
+class VideoTextEncoder:
+    """A loaded model plus the preprocessing it expects; encodes videos and texts into L2-normalised embeddings.
+
+    Build it with :func:`load_model` (or directly around a model that has ``encode_video(videos (B, T, 3, S, S))
+    -> (video_emb, frame_emb)``, ``encode_text(tokens)`` and ``logit_scale``).
+
+    Attributes: ``model``, ``kind`` ("t2l" or "clip"), ``identity`` (what was loaded, with its SHA-256),
+    ``device``, ``precision``, ``num_frames`` (T), ``input_size`` (S), ``num_clips``, ``num_crops``,
+    ``image_tmpl``, ``index_start`` (frame-file naming of frame folders).
+    """
+
+    def __init__(self, model: nn.Module, kind: str, identity: dict, device: Union[str, torch.device] = "cpu",
+                 precision: str = "auto", num_frames: int = DEFAULT_FRAMES, input_size: Optional[int] = None,
+                 num_clips: int = 1, num_crops: int = 1, image_tmpl: str = "img_{:05d}.jpg", index_start: int = 1):
+        if num_crops not in (1, 3):
+            raise ValueError(f"num_crops must be 1 (centre crop) or 3 (three crops), got {num_crops}")
+        if num_clips < 1 or num_frames < 1:
+            raise ValueError(f"num_clips and num_frames must be >= 1, got {num_clips} and {num_frames}")
+        if precision not in ("auto", "fp32", "bf16", "fp16"):
+            raise ValueError(f"precision must be auto, fp32, bf16 or fp16, got {precision!r}")
+        self.device = torch.device(device)
+        self.model = model.to(self.device).eval()
+        for p in self.model.parameters():  # inference only: no autograd bookkeeping
+            p.requires_grad_(False)
+        self.kind = kind
+        self.identity = dict(identity)
+        self.precision = precision
+        self.num_frames = int(num_frames)
+        resolution = _input_resolution(model)
+        self.input_size = int(input_size or resolution)
+        if resolution and self.input_size != resolution:
+            raise ValueError(f"input size {self.input_size} does not fit this model, whose positional embedding "
+                             f"is for {resolution}x{resolution} images; leave the input size unset")
+        self.num_clips = int(num_clips)
+        self.num_crops = int(num_crops)
+        self.image_tmpl = image_tmpl
+        self.index_start = int(index_start)
+
+    # ------------------------------------------------------------------ facts
+    @property
+    def num_views(self) -> int:
+        """Views per video: clips x crops."""
+        return self.num_clips * self.num_crops
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The compute dtype on this device: fp32 on CPU, bf16/fp16 on GPU with ``precision="auto"``."""
+        return engine.resolve_precision(self.device, self.precision)
+
+    @property
+    def logit_scale(self) -> float:
+        """exp(logit_scale): the temperature of test.py's softmax over classes (100 for the OpenAI weights)."""
+        return float(self.model.logit_scale.detach().exp())
+
+    @property
+    def embed_dim(self) -> int:
+        """E, the size of the joint embedding."""
+        return int(self.model.clip.visual.output_dim if hasattr(self.model, "clip") else
+                   self.model.visual.output_dim)
+
+    def settings(self) -> dict:
+        """Everything that changes the embeddings: model identity, frames, size, views, frame naming, dtype."""
+        return {"model": _identity_for_hash(self.identity), "num_frames": self.num_frames,
+                "input_size": self.input_size, "num_clips": self.num_clips, "num_crops": self.num_crops,
+                "image_tmpl": self.image_tmpl, "index_start": self.index_start,
+                "dtype": str(self.dtype).replace("torch.", "")}
+
+    def config_hash(self, extra: Optional[dict] = None) -> str:
+        """A short SHA-256 of :meth:`settings` (plus ``extra``): equal hashes give comparable features."""
+        blob = json.dumps({**self.settings(), **(extra or {})}, sort_keys=True, default=str)
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+    def describe(self) -> str:
+        """One line naming the model for logs and manifests: ``kind:file-or-name:sha256-prefix``."""
+        sha = self.identity.get("sha256") or ""
+        return f"{self.kind}:{Path(str(self.identity.get('source', '?'))).name}:{sha[:12]}"
+
+    # ------------------------------------------------------------------ videos
+    def load_views(self, path: PathLike) -> torch.Tensor:
+        """One video file or frames folder -> its test views (V, T, 3, S, S), exactly test.py's preprocessing.
+
+        Raises ``datasets.SampleLoadError`` naming the file when the video cannot be read.
+        """
+        return load_video_clip(os.fspath(path), num_frames=self.num_frames, input_size=self.input_size,
+                               num_clips=self.num_clips, num_crops=self.num_crops, image_tmpl=self.image_tmpl,
+                               index_start=self.index_start)
+
+    @torch.no_grad()
+    def encode_views(self, clips: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Preprocessed clips (B, V, T, 3, S, S) -> (view video embeddings (B*V, E), frame embeddings (B*V, T, E)).
+
+        Neither is normalised; float32 on the CPU. This is the one place the model runs on videos.
+        """
+        if clips.ndim != 6:
+            raise ValueError(f"expected clips of shape (B, V, T, 3, S, S), got {tuple(clips.shape)}")
+        x = clips.to(self.device, non_blocking=True).flatten(0, 1)  # (B, V, T, 3, S, S) -> (B*V, T, 3, S, S)
+        with engine.autocast(self.device, self.precision):
+            video_emb, frame_emb = self.model.encode_video(x)
+        return video_emb.float().cpu(), frame_emb.float().cpu()
+
+    def encode_clips(self, clips: torch.Tensor, return_frames: bool = False):
+        """Preprocessed clips (B, V, T, 3, S, S) or (B, T, 3, S, S) -> L2-normalised video embeddings (B, E).
+
+        With ``return_frames`` also the per-frame embeddings (B, V, T, E), each L2-normalised.
+        """
+        if clips.ndim == 5:
+            clips = clips.unsqueeze(1)  # (B, T, 3, S, S) -> (B, 1, T, 3, S, S): one view
+        B, V = clips.shape[:2]
+        view_emb, frame_emb = self.encode_views(clips)
+        video = pool_views(view_emb, V)
+        if not return_frames:
+            return video
+        frames = F.normalize(frame_emb, dim=-1).view(B, V, frame_emb.shape[1], -1)  # (B*V, T, E) -> (B, V, T, E)
+        return video, frames
+
+    def encode_videos(self, videos: Union[Sequence[PathLike], torch.Tensor], batch_size: int = 8,
+                      return_frames: bool = False, progress: bool = False):
+        """Video files or frames folders (or already preprocessed clips) -> L2-normalised embeddings (N, E).
+
+        ``videos``: a list of paths, each read with :meth:`load_views`; or a tensor as :meth:`encode_clips`
+        takes. With ``return_frames`` also the per-frame embeddings (N, V, T, E). An unreadable video raises
+        ``datasets.SampleLoadError`` naming it (use extract_features.py to skip and list failures instead).
+        """
+        if isinstance(videos, torch.Tensor):
+            return self.encode_clips(videos, return_frames)
+        if isinstance(videos, (str, os.PathLike)):
+            videos = [videos]
+        videos = list(videos)
+        if not videos:
+            raise ValueError("encode_videos needs at least one video path")
+        out, frames = [], []
+        for i in tqdm(range(0, len(videos), batch_size), desc="videos", unit="batch", disable=not progress,
+                      leave=False, dynamic_ncols=True):
+            clips = torch.stack([self.load_views(p) for p in videos[i:i + batch_size]])  # (b, V, T, 3, S, S)
+            result = self.encode_clips(clips, return_frames=True)
+            out.append(result[0])
+            frames.append(result[1])
+        if return_frames:
+            return torch.cat(out), torch.cat(frames)
+        return torch.cat(out)
+
+    # ------------------------------------------------------------------ texts
+    @torch.no_grad()
+    def encode_texts(self, texts: Union[str, Sequence[str]], batch_size: int = 256) -> torch.Tensor:
+        """Strings -> L2-normalised text embeddings (N, E); texts longer than 77 tokens are truncated."""
+        if isinstance(texts, str):
+            texts = [texts]
+        texts = list(texts)
+        if not texts:
+            raise ValueError("encode_texts needs at least one text")
+        tokens = clip.tokenize(texts, context_length=77, truncate=True)
+        out = []
+        with engine.autocast(self.device, self.precision):
+            for i in range(0, len(texts), batch_size):
+                out.append(self.model.encode_text(tokens[i:i + batch_size].to(self.device)).float().cpu())
+        return F.normalize(torch.cat(out), dim=-1)
+
+    def encode_class_texts(self, class_text: "ClassTexts") -> torch.Tensor:
+        """The texts of a class set -> (V, K, E), as test.py's ``engine.encode_class_texts`` lays them out."""
+        V, K = len(class_text.texts), len(class_text.names)
+        flat = [t for view in class_text.texts for t in view]
+        return self.encode_texts(flat).view(V, K, -1)  # (V*K, E) -> (V, K, E)
+
+    # Singular aliases, for those who think of one call per batch.
+    encode_video = encode_videos
+    encode_text = encode_texts
+
+
+def _input_resolution(model: nn.Module) -> Optional[int]:
+    visual = model.clip.visual if hasattr(model, "clip") else getattr(model, "visual", None)
+    return getattr(visual, "input_resolution", None)
+
+
+def _identity_for_hash(identity: dict) -> dict:
+    """The identity without where the file lies: a moved or copied checkpoint gives the same features."""
+    return {k: v for k, v in identity.items() if k != "source"}
+
+
+# ---------------------------------------------------------------------------------------------- loading
+def model_kind(name_or_path: PathLike, trust: bool = False) -> str:
+    """"t2l" for a T2L checkpoint (ours or published), "clip" for a CLIP name or CLIP weights.
+
+    Looks at the file's keys without loading its tensors (memory-mapped where possible). A file that needs
+    full unpickling is only opened with ``trust``; otherwise the error says so.
+    """
+    from clip.torchscript import is_torchscript_archive
+    from modules.checkpoint import FORMAT, is_published
+    from utils.checkpoint import safe_load
+
+    if isinstance(name_or_path, str) and name_or_path in clip.available_models():
+        return "clip"
+    path = Path(name_or_path).expanduser()
+    if not path.exists():
+        raise FileNotFoundError(f"model not found: {name_or_path!r} is neither a file or folder nor a CLIP name "
+                                f"({', '.join(clip.available_models())})")
+    if path.is_dir() or path.suffix == ".safetensors" or is_torchscript_archive(path):
+        return "clip"
+    obj = None
+    for mmap in (True, False):  # mmap needs the zip format; older files are read whole
+        try:
+            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+            break
+        except pickle.UnpicklingError:
+            obj = safe_load(path, trust=trust)  # raises the "pass --trust-checkpoint" error unless trusted
+            break
+        except Exception:  # not a torch file at all: clip.load gives the error that names the formats
+            continue
+    if isinstance(obj, dict) and (obj.get("format") == FORMAT or is_published(obj)):
+        return "t2l"
+    return "clip"
+
+
+def _file_sha256(path: Path) -> Optional[str]:
+    return clip.file_sha256(path) if path.is_file() else None
+
+
+def load_model(name_or_path: PathLike, device: Union[str, torch.device] = "auto", precision: str = "auto",
+               num_frames: Optional[int] = None, input_size: Optional[int] = None, num_clips: int = 1,
+               num_crops: int = 1, image_tmpl: str = "img_{:05d}.jpg", index_start: int = 1,
+               trust: bool = False) -> VideoTextEncoder:
+    """Load a model for feature extraction.
+
+    Args:
+        name_or_path: a CLIP name (``clip.available_models()``) or CLIP weights (any format ``clip.load``
+            reads) -> frame-averaged CLIP; a checkpoint of ours or a published T2L checkpoint -> T2L.
+        device: "auto" (the GPU when there is one), "cpu", "cuda", "cuda:N".
+        precision: "auto" (bf16, or fp16 on older GPUs; fp32 on CPU), "fp32", "bf16", "fp16".
+        num_frames: T; a T2L model fixes it (a different value is an error), a CLIP takes 8 by default.
+        input_size: S; defaults to the model's input resolution (the only size its positional embedding fits).
+        num_clips, num_crops: test views per video (crops 1 = centre, 3 = three crops); views are averaged.
+        image_tmpl, index_start: frame-file naming of frame folders (``img_00001.jpg`` ...).
+        trust: allow checkpoints that need full unpickling (they can run code): only files you trust.
+
+    Raises FileNotFoundError, ``modules.CheckpointError``, ``clip.CLIPLoadError`` or ValueError naming the file.
+    """
+    device = pick_device(str(device)) if str(device) == "auto" else torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {str(device)!r} was asked for but CUDA is not available on this machine")
+    source = os.fspath(name_or_path)
+    kind = model_kind(name_or_path, trust=trust)
+    if kind == "t2l":
+        model = load_t2l(source, trust=trust)
+        ckpt_format = "published" if getattr(model.clip, "source_identity", {}).get("kind") == "published-t2l" \
+            else "ours"
+        identity = {"kind": "t2l", "format": ckpt_format, "source": source,
+                    "sha256": _file_sha256(Path(source).expanduser())}
+        if ckpt_format == "ours":
+            # The backbone is part of what the checkpoint means: record it (name, its SHA-256, or random seed).
+            identity["backbone"] = {k: v for k, v in getattr(model.clip, "source_identity", {}).items()
+                                    if k in ("name_or_path", "sha256", "seed", "config")}
+        if num_frames is not None and int(num_frames) != model.num_frames:
+            raise ValueError(f"{source} was trained with {model.num_frames} frames per clip; got num_frames="
+                             f"{num_frames}. Leave it unset or pass {model.num_frames}")
+        frames = model.num_frames
+    else:
+        backbone = clip.load(source)
+        ident = getattr(backbone, "source_identity", {})
+        identity = {"kind": "clip", "source": source, "sha256": ident.get("sha256")}
+        model = engine.FrameAverageCLIP(backbone)
+        frames = int(num_frames or DEFAULT_FRAMES)
+    encoder = VideoTextEncoder(model, kind, identity, device=device, precision=precision, num_frames=frames,
+                               input_size=input_size, num_clips=num_clips, num_crops=num_crops,
+                               image_tmpl=image_tmpl, index_start=index_start)
+    logger.info("model %s: %s, %d frames x %d view(s) at %dpx, %s on %s", source,
+                "T2L" if kind == "t2l" else "frame-averaged CLIP", encoder.num_frames, encoder.num_views,
+                encoder.input_size, str(encoder.dtype).replace("torch.", ""), encoder.device)
+    return encoder
+
+
+# ---------------------------------------------------------------------------------------------- texts
+@dataclass
+class ClassTexts:
+    """The texts of a class set: ``texts[v][k]`` is view v (a template, or the one description) of class k."""
+
+    names: list
+    texts: list
+    mode: str        # "descriptions" | "templates"
+    source: str
+
+
+@dataclass(frozen=True)
+class TextItem:
+    """One text to embed and where it came from (for manifests)."""
+
+    text: str
+    class_id: Optional[int] = None
+    class_name: Optional[str] = None
+    view: Optional[int] = None     # template index (templates mode) or 0 (descriptions)
+    line: Optional[int] = None     # 1-based line in a prompts file
+
+
+def _csv_header(path: Path) -> list:
+    with path.open(newline="", encoding="utf-8-sig") as f:
+        for row in csv.reader(f):
+            if row and any(c.strip() for c in row):
+                return [c.strip() for c in row]
+    return []
+
+
+def csv_kind(path: PathLike) -> Optional[str]:
+    """"classes" for a class list (``id,name``), "descriptions" for ``SNo,Class Name,...``, else None."""
+    header = _csv_header(Path(path))
+    if [h.lower() for h in header] == ["id", "name"]:
+        return "classes"
+    if len(header) >= 3 and header[1] == "Class Name":
+        return "descriptions"
+    return None
+
+
+def _looks_like_path(spec: str) -> bool:
+    return spec.lower().endswith((".csv", ".txt")) or os.sep in spec or (os.altsep or os.sep) in spec
+
+
+def read_class_texts(spec: PathLike, descriptions: Optional[PathLike] = None, templates: bool = False) -> ClassTexts:
+    """The classes and their texts, as test.py builds them.
+
+    ``spec``: a class list CSV (``id,name``), a descriptions CSV (``SNo,Class Name,Description``: classes in
+    file order, the descriptions as texts), or a comma-separated list of class names. ``descriptions``: a
+    descriptions CSV for a class list. Without descriptions, or with ``templates``, every class gets the 16
+    prompt templates (test.py averages the class probabilities over them).
+
+    Raises FileNotFoundError or ValueError (naming the file and line) for a missing or malformed file and for an
+    empty class list.
+    """
+    spec_s = os.fspath(spec)
+    path = Path(spec_s).expanduser()
+    desc: Optional[dict] = None
+    if path.is_file():
+        kind = csv_kind(path)
+        if kind == "classes":
+            names = load_class_list(str(path))
+        elif kind == "descriptions":
+            desc = read_descriptions(path)
+            names = list(desc)
+            if not names:
+                raise ValueError(f"{path}: the descriptions file has no classes")
+        else:
+            raise ValueError(f"{path}:1: expected a class list CSV (header 'id,name') or a descriptions CSV "
+                             f"(header 'SNo,Class Name,Description'), got the header {_csv_header(path)}")
+        source = str(path)
+    elif _looks_like_path(spec_s):
+        raise FileNotFoundError(f"class file not found: {spec_s}")
+    else:
+        names = [n.strip() for n in spec_s.split(",")]
+        if not any(names):
+            raise ValueError(f"empty class list {spec_s!r}: give a class list CSV, a descriptions CSV or "
+                             f"comma-separated class names")
+        if not all(names):
+            raise ValueError(f"empty class name in {spec_s!r} (two commas in a row, or a trailing comma?)")
+        if len(set(names)) != len(names):
+            dup = next(n for n in names if names.count(n) > 1)
+            raise ValueError(f"class {dup!r} is named twice in {spec_s!r}")
+        source = "command line"
+    if descriptions is not None:
+        desc = read_descriptions(descriptions)
+        source = os.fspath(descriptions)
+    mode = "templates" if templates or not desc else "descriptions"
+    texts = class_texts(names, desc, mode=mode, source=source)
+    return ClassTexts(names=list(names), texts=texts, mode=mode, source=source)
+
+
+def read_text_items(path: PathLike, descriptions: Optional[PathLike] = None,
+                    templates: bool = False) -> tuple[list, str]:
+    """The texts of a file -> (list of :class:`TextItem`, kind).
+
+    A class list or descriptions CSV gives the class texts of :func:`read_class_texts`, view-major (row
+    ``v * K + k`` is view v of class k, so the embeddings reshape to (V, K, E)); kind "classes". Any other file
+    is a prompts file, one text per non-empty line; kind "prompts".
+    """
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f"texts file not found: {path}")
+    if path.suffix.lower() == ".csv" or csv_kind(path):
+        ct = read_class_texts(path, descriptions=descriptions, templates=templates)
+        items = [TextItem(text=t, class_id=k, class_name=ct.names[k], view=v)
+                 for v, view in enumerate(ct.texts) for k, t in enumerate(view)]
+        return items, "classes"
+    if descriptions is not None or templates:
+        raise ValueError(f"{path} is a prompts file (one text per line); --descriptions and --templates apply to "
+                         f"class list CSVs only")
+    items = []
+    with path.open(encoding="utf-8") as f:
+        for line_no, line in enumerate(f, start=1):
+            text = line.strip()
+            if text:
+                items.append(TextItem(text=text, line=line_no))
+    if not items:
+        raise ValueError(f"{path}: no texts (expected one prompt per line)")
+    return items, "prompts"
+
+
+# ---------------------------------------------------------------------------------------------- inputs
+def _is_link_cycle(path: str, top: str) -> bool:
+    """True when ``path`` resolves to one of the folders above it (up to ``top``): walking it would never end."""
+    real = os.path.realpath(path)
+    parent = os.path.dirname(path)
+    while len(parent) >= len(top) and parent != path:
+        if os.path.realpath(parent) == real:
+            return True
+        path, parent = parent, os.path.dirname(parent)
+    return False
+
+
+def find_videos(folder: PathLike, image_tmpl: str = "img_{:05d}.jpg", index_start: int = 1,
+                extensions: Iterable[str] = VIDEO_EXTENSIONS) -> list:
+    """Every video file and frames folder under ``folder`` (recursively), sorted.
+
+    A folder that holds the first frame file (``image_tmpl.format(index_start)``) is a frames folder (not
+    searched further); a file with a video extension is a video. Other files are ignored and counted in the
+    log.
+    """
+    folder = os.path.normpath(os.fspath(folder))
+    if not os.path.isdir(folder):
+        raise FileNotFoundError(f"input folder not found: {folder}")
+    first = image_tmpl.format(index_start)
+    exts = tuple(e.lower() for e in extensions)
+    found, ignored = [], 0
+    # Symbolic links are followed (data often lives on another disk), except a link back to a folder above it.
+    for root, dirs, files in os.walk(folder, followlinks=True):
+        if _is_link_cycle(root, folder):
+            dirs[:] = []
+            continue
+        dirs.sort()
+        if first in files:
+            found.append(root)
+            dirs[:] = []  # a frames folder is one video: do not look inside it for more
+            continue
+        for name in sorted(files):
+            if name.lower().endswith(exts):
+                found.append(os.path.join(root, name))
+            else:
+                ignored += 1
+    if ignored:
+        logger.info("%s: %d file(s) are neither videos (%s) nor frames (%s) and were ignored", folder, ignored,
+                    " ".join(exts[:5]) + " ...", first)
+    return sorted(found)
+
