@@ -235,14 +235,16 @@ def train(cfg, args, dist_info, out: Path) -> dict:
             ckpt = make_checkpoint(model, epoch=epoch, step=step, optimizer=optimizer.state_dict(),
                                    scheduler=scheduler.state_dict(), scaler=scaler.state_dict(), rng=rngs,
                                    best=best, config=cfg.to_dict())
-            atomic_save(ckpt, out / "last.pt")
+            # last.pt is the commit point of the epoch, so it is written last: a run killed before it redoes the
+            # epoch (and rewrites the files below identically); one killed after it has all of them.
+            metrics_csv.log(row)
             for name in improved:
                 atomic_save(ckpt, out / f"best_{name}.pt")
             if cfg.checkpoint.keep_every and (epoch + 1) % cfg.checkpoint.keep_every == 0:
                 atomic_save(ckpt, out / f"epoch_{epoch + 1}.pt")
             if cfg.checkpoint.save_full:
                 save_published(model, out / "last_full_published.pth", epoch=epoch)
-            metrics_csv.log(row)
+            atomic_save(ckpt, out / "last.pt")
             plot_curves(out / "metrics.csv", out / "curves.png")
             if wandb:
                 wandb.log(row, step=step)
