@@ -23,7 +23,7 @@ import engine
 from datasets import VideoDataset, failure_summary_line
 from modules import T2LLoss, make_checkpoint, save_published
 from utils import distributed
-from utils.checkpoint import atomic_save, rng_state, safe_load, set_rng_state
+from utils.checkpoint import atomic_save, remove_stale_tmp, rng_state, safe_load, set_rng_state
 from utils.config import check_paths, load_config, save_config
 from utils.logger import MetricsCSV, WandbLogger, plot_curves, setup_logging
 from utils.schedule import WarmupCosine
@@ -132,6 +132,8 @@ def train(cfg, args, dist_info, out: Path) -> dict:
         set_rng_state(ckpt["rng"][min(dist_info.rank, len(ckpt["rng"]) - 1)])
         logger.info("resumed from %s: epoch %d done, step %d", resume, start_epoch, step)
 
+    if dist_info.is_main:  # partial files of a killed run are never read; free their space
+        remove_stale_tmp(out)
     ddp_model = model
     if dist_info.enabled:
         ddp_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)

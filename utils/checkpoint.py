@@ -11,6 +11,7 @@ import io
 import logging
 import os
 import pickle
+import re
 import tempfile
 import zipfile
 from pathlib import Path
@@ -49,6 +50,34 @@ def atomic_save(obj: Any, path: str | Path) -> None:
             raise OSError(f"could not write checkpoint {path}: {e}; the previous file (if any) is unchanged") from e
         raise
     _fsync_dir(path.parent)
+
+
+# What atomic_save (and the metrics CSV writer) name their temporary files: ".<final name>.<8 random chars>.tmp".
+_TMP_NAME = re.compile(r"^\..+\.[A-Za-z0-9_]{8}\.tmp$")
+
+
+def remove_stale_tmp(folder: str | Path) -> list[str]:
+    """Delete the temporary files that killed writers left in ``folder``; returns their names.
+
+    Only names of the form ``.<name>.<8 characters>.tmp`` (``tempfile.mkstemp`` in :func:`atomic_save`) directly in
+    ``folder`` are removed; they are never read, so this only frees the space. Call it when no other process is
+    writing into ``folder``.
+    """
+    folder = Path(folder)
+    removed = []
+    if not folder.is_dir():
+        return removed
+    for entry in os.scandir(folder):
+        if _TMP_NAME.match(entry.name) and entry.is_file(follow_symlinks=False):
+            try:
+                os.unlink(entry.path)
+                removed.append(entry.name)
+            except FileNotFoundError:
+                pass
+    if removed:
+        logger.info("removed %d unfinished temporary file(s) of an interrupted run in %s: %s", len(removed), folder,
+                    ", ".join(sorted(removed)))
+    return sorted(removed)
 
 
 def _fsync_dir(folder: Path) -> None:
