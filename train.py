@@ -10,10 +10,12 @@ import argparse
 import json
 import logging
 import math
+import random
 import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler
@@ -78,6 +80,10 @@ def main(argv=None) -> dict:
 
 def train(cfg, args, dist_info, out: Path) -> dict:
     device = dist_info.device
+    # Every global RNG, not only torch's: the checkpoint saves all three, and an unseeded one would make two runs of
+    # the same config (or a resumed and an uninterrupted run) write different checkpoints.
+    random.seed(cfg.seed)
+    np.random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
     if dist_info.is_main:
         save_config(cfg, out / "config.yaml")
