@@ -121,7 +121,7 @@ def train(cfg, args, dist_info, out: Path) -> dict:
                 cfg.solver.weight_decay, cfg.solver.epochs)
 
     # ---- resume
-    start_epoch, step, best = 0, 0, {}
+    start_epoch, step, best, nonfinite_total = 0, 0, {}, 0
     resume = args.resume or (None if args.no_resume or not (out / "last.pt").exists() else out / "last.pt")
     if resume:
         ckpt = safe_load(resume, trust=cfg.network.trust_checkpoint)
@@ -135,6 +135,7 @@ def train(cfg, args, dist_info, out: Path) -> dict:
         scheduler.load_state_dict(ckpt["scheduler"])
         scaler.load_state_dict(ckpt["scaler"])
         start_epoch, step, best = int(ckpt["epoch"]) + 1, int(ckpt["step"]), dict(ckpt.get("best", {}))
+        nonfinite_total = int(ckpt.get("nonfinite_skipped", 0))  # metrics.csv counts over the whole run
         set_rng_state(ckpt["rng"][min(dist_info.rank, len(ckpt["rng"]) - 1)])
         logger.info("resumed from %s: epoch %d done, step %d", resume, start_epoch, step)
 
@@ -148,7 +149,7 @@ def train(cfg, args, dist_info, out: Path) -> dict:
     wandb = (WandbLogger(cfg.logging.wandb_project, config=cfg.to_dict(), mode=cfg.logging.wandb_mode, dir=str(out))
              if cfg.logging.wandb and dist_info.is_main else None)
 
-    nonfinite_total, nonfinite_run = 0, 0
+    nonfinite_run = 0
     for epoch in range(start_epoch, cfg.solver.epochs):
         model.train()
         sampler.set_epoch(epoch)
@@ -242,7 +243,7 @@ def train(cfg, args, dist_info, out: Path) -> dict:
         if dist_info.is_main:
             ckpt = make_checkpoint(model, epoch=epoch, step=step, optimizer=optimizer.state_dict(),
                                    scheduler=scheduler.state_dict(), scaler=scaler.state_dict(), rng=rngs,
-                                   best=best, config=cfg.to_dict())
+                                   best=best, nonfinite_skipped=nonfinite_total, config=cfg.to_dict())
             # last.pt is the commit point of the epoch, so it is written last: a run killed before it redoes the
             # epoch (and rewrites the files below identically); one killed after it has all of them.
             metrics_csv.log(row)
