@@ -50,6 +50,23 @@ class NonFiniteLossError(RuntimeError):
     pass
 
 
+TRAINING_CHECKPOINT_KEYS = ("model", "optimizer", "scheduler", "scaler", "epoch", "step", "rng")
+
+
+def check_training_checkpoint(ckpt, path) -> None:
+    """Refuse, naming the file, anything but a training checkpoint of ours (a CLIP file, weights for evaluation)."""
+    keys = set(ckpt) if isinstance(ckpt, dict) else set()
+    missing = [k for k in TRAINING_CHECKPOINT_KEYS if k not in keys]
+    if isinstance(ckpt, dict) and ckpt.get("format") == "t2l" and not missing:
+        return
+    found = f"keys {sorted(map(str, keys))[:8]}" if isinstance(ckpt, dict) else f"a {type(ckpt).__name__}"
+    raise ValueError(f"{path} is not a training checkpoint of this project: expected format 't2l' with "
+                     f"{', '.join(TRAINING_CHECKPOINT_KEYS)}, found {found}"
+                     f"{' (missing ' + ', '.join(missing) + ')' if missing and keys else ''}. --resume takes the "
+                     f"last.pt (or best_*.pt, epoch_*.pt) that train.py writes; evaluate other T2L weights with "
+                     f"test.py --weights")
+
+
 def param_groups(model, cfg):
     """AdamW groups: weight decay on matrices; none on biases and temporal tokens when no_decay_for_1d."""
     decay, no_decay = [], []
@@ -125,6 +142,7 @@ def train(cfg, args, dist_info, out: Path) -> dict:
     resume = args.resume or (None if args.no_resume or not (out / "last.pt").exists() else out / "last.pt")
     if resume:
         ckpt = safe_load(resume, trust=cfg.network.trust_checkpoint)
+        check_training_checkpoint(ckpt, resume)
         if ckpt.get("num_frames") != cfg.data.num_frames:
             raise ValueError(f"{resume} was trained with {ckpt.get('num_frames')} frames, but data.num_frames is "
                              f"{cfg.data.num_frames}")
