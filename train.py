@@ -102,8 +102,6 @@ def train(cfg, args, dist_info, out: Path) -> dict:
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
-    if dist_info.is_main:
-        save_config(cfg, out / "config.yaml")
     logger.info("output folder %s; device %s; world size %d", out, device, dist_info.world_size)
 
     # ---- data
@@ -157,8 +155,11 @@ def train(cfg, args, dist_info, out: Path) -> dict:
         set_rng_state(ckpt["rng"][min(dist_info.rank, len(ckpt["rng"]) - 1)])
         logger.info("resumed from %s: epoch %d done, step %d", resume, start_epoch, step)
 
-    if dist_info.is_main:  # partial files of a killed run are never read; free their space
-        remove_stale_tmp(out)
+    if dist_info.is_main:
+        # Only now that data, model and resume are set up: a run that stops on bad input before this point leaves
+        # the folder's earlier config.yaml (the one its checkpoints were trained with) as it was.
+        save_config(cfg, out / "config.yaml")
+        remove_stale_tmp(out)  # partial files of a killed run are never read; free their space
     ddp_model = model
     if dist_info.enabled:
         ddp_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
