@@ -1,0 +1,543 @@
+"""Throughput and peak memory of T2L against the frozen-CLIP floor and an X-CLIP peer, plus the data pipeline.
+
+Everything is measured in ONE process, interleaved: every repetition runs each contender once, in round-robin
+order (rotated by one place per repetition), after untimed warm-up calls. The table gives the median rate and
+its spread (min-max and the interquartile range over the repetitions), so a reader sees how much the machine's
+load moved the figures. Models have random weights of the published OpenAI sizes: nothing is downloaded.
+
+Contenders (``--contenders``, default all):
+  floor       frozen CLIP encoding every frame, frame embeddings averaged (engine.FrameAverageCLIP): the floor
+  t2l         T2L ``encode_video`` (temporal tokens + adapters)
+  xclip       transformers' X-CLIP ``get_video_features`` with an XCLIPConfig of the same size (the peer)
+  train       one T2L training step: forward (video + text) + T2L loss + backward + AdamW on the trainable tensors
+  train-ckpt  the same with activation checkpointing
+  loader      frames on disk -> batch on the device: a DataLoader over datasets.VideoDataset (train mode) on
+              generated frame folders, one full pass per repetition
+``--compile`` adds torch.compile'd floor, t2l and train contenders (compile time is reported separately).
+
+Peak memory: on CUDA, ``torch.cuda.max_memory_allocated`` after a reset; on CPU, the resident-set high-water
+mark (VmHWM in /proc/self/status, reset through /proc/self/clear_refs after returning freed heap memory to the
+system with malloc_trim), falling back to ``resource.getrusage`` (which cannot be reset) elsewhere. "working" is
+the peak above what was resident before the call (activations, workspaces, gradients); "peak" adds the bytes of
+the weights the contender uses (and AdamW state for training). The loader's memory is in its worker processes
+and is not reported.
+
+Examples:
+    python benchmarks/throughput.py --size ViT-B/32 --frames 8 --batch 4              # CPU, fp32
+    python benchmarks/throughput.py --size ViT-B/16 --contenders train,train-ckpt,loader --train-batch 2
+    python benchmarks/throughput.py --size ViT-B/16 --device cuda --precision bf16 --batch 32 --train-batch 32
+    python benchmarks/throughput.py --size ViT-B/32 --contenders floor,t2l --compile --json out.json
+    python benchmarks/throughput.py --size tiny --reps 2 --warmup 1                   # a few seconds
+"""
+from __future__ import annotations
+
+import argparse
+import ctypes
+import ctypes.util
+import gc
+import json
+import logging
+import os
+import platform
+import resource
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if REPO not in sys.path:
+    sys.path.insert(0, REPO)
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from PIL import Image  # noqa: E402
+from torch.utils.data import DataLoader  # noqa: E402
+from tqdm import tqdm  # noqa: E402
+
+import engine  # noqa: E402
+from benchmarks.data_loading import available_cpus, synthetic_frame  # noqa: E402
+from datasets import VideoDataset  # noqa: E402
+from modules import T2LLoss, build_t2l, random_clip  # noqa: E402
+
+logger = logging.getLogger("benchmarks.throughput")
+
+# The OpenAI sizes (METHOD.md); heads = width // 64 as OpenAI's loader infers them. "tiny" is the tests' model.
+SIZES = {
+    "tiny": dict(embed_dim=32, image_resolution=32, vision_layers=2, vision_width=128, vision_patch_size=8,
+                 context_length=16, vocab_size=100, transformer_width=64, transformer_heads=1,
+                 transformer_layers=2, vision_heads=2),
+    "ViT-B/32": dict(embed_dim=512, image_resolution=224, vision_layers=12, vision_width=768, vision_patch_size=32,
+                     context_length=77, vocab_size=49408, transformer_width=512, transformer_heads=8,
+                     transformer_layers=12, vision_heads=12),
+    "ViT-B/16": dict(embed_dim=512, image_resolution=224, vision_layers=12, vision_width=768, vision_patch_size=16,
+                     context_length=77, vocab_size=49408, transformer_width=512, transformer_heads=8,
+                     transformer_layers=12, vision_heads=12),
+}
+CONTENDERS = ("floor", "t2l", "xclip", "train", "train-ckpt", "loader")
+COLUMNS = ("contender", "batch", "median", "unit", "min-max", "IQR", "peak MiB", "working MiB", "vs floor",
+           "vs X-CLIP")
+
+
+# ---------------------------------------------------------------------------------------------- memory
+class MemoryMeter:
+    """Peak memory of one call above what was resident before it (bytes), on CUDA or CPU."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self._libc = None
+        if device.type == "cuda":
+            self.method = "torch.cuda.max_memory_allocated (reset before each call)"
+        elif self._can_reset_hwm():
+            self.method = ("process RSS high-water mark (VmHWM, reset via /proc/self/clear_refs after "
+                           "malloc_trim)")
+            name = ctypes.util.find_library("c")
+            try:
+                self._libc = ctypes.CDLL(name) if name else None
+                self._libc.malloc_trim  # noqa: B018 (glibc only)
+            except (OSError, AttributeError):
+                self._libc = None
+        else:
+            self.method = "resource.getrusage ru_maxrss (cannot be reset: a lower bound after the first peak)"
+
+    @staticmethod
+    def _can_reset_hwm() -> bool:
+        try:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")
+            return MemoryMeter._status("VmHWM") is not None
+        except OSError:
+            return False
+
+    @staticmethod
+    def _status(key: str) -> Optional[int]:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(key + ":"):
+                    return int(line.split()[1]) * 1024
+        return None
+
+    def start(self) -> None:
+        """Forget earlier peaks; what is resident now is the baseline."""
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self._base = torch.cuda.memory_allocated(self.device)
+        elif self.method.startswith("process RSS"):
+            if self._libc is not None:
+                self._libc.malloc_trim(0)  # freed heap pages count as resident until returned
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")
+            self._base = self._status("VmRSS")
+        else:
+            self._base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+    def stop(self) -> int:
+        """Peak bytes above the baseline since :meth:`start`."""
+        if self.device.type == "cuda":
+            return torch.cuda.max_memory_allocated(self.device) - self._base
+        if self.method.startswith("process RSS"):
+            return max(0, self._status("VmHWM") - self._base)
+        return max(0, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - self._base)
+
+
+def tensor_bytes(tensors) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def module_bytes(*modules) -> int:
+    """Bytes of the parameters and buffers of the given modules (shared tensors counted once)."""
+    seen, total = set(), 0
+    for m in modules:
+        for t in list(m.parameters()) + list(m.buffers()):
+            if id(t) not in seen:
+                seen.add(id(t))
+                total += t.numel() * t.element_size()
+    return total
+
+
+# ---------------------------------------------------------------------------------------------- contenders
+@dataclass
+class Contender:
+    """One thing to time: ``run()`` does one unit of work of ``items`` videos/clips."""
+
+    name: str
+    label: str
+    kind: str                      # "infer", "train" or "load"
+    run: Callable[[], None]
+    items: int                     # videos (infer/train) or clips (load) per run()
+    resident_bytes: int = 0        # weights (+ optimiser state) it uses, for the "peak" column
+    rates: list = field(default_factory=list)
+    working: list = field(default_factory=list)
+    first_call_s: float = 0.0      # the first warm-up call (includes compilation for compiled contenders)
+    calls: Optional[int] = None    # run() calls per repetition; None: --iters (a loader pass is already many)
+
+
+def xclip_config(size: dict, frames: int):
+    """An XCLIPConfig of the same widths, depths, heads, patch and resolution as the CLIP size."""
+    from transformers import XCLIPConfig
+
+    s = size
+    return XCLIPConfig(
+        projection_dim=s["embed_dim"],
+        text_config=dict(vocab_size=s["vocab_size"], hidden_size=s["transformer_width"],
+                         intermediate_size=4 * s["transformer_width"], num_hidden_layers=s["transformer_layers"],
+                         num_attention_heads=s["transformer_heads"], max_position_embeddings=s["context_length"]),
+        vision_config=dict(hidden_size=s["vision_width"], intermediate_size=4 * s["vision_width"],
+                           num_hidden_layers=s["vision_layers"], num_attention_heads=s["vision_heads"],
+                           image_size=s["image_resolution"], patch_size=s["vision_patch_size"], num_frames=frames,
+                           mit_hidden_size=s["embed_dim"], mit_intermediate_size=4 * s["embed_dim"],
+                           mit_num_hidden_layers=1, mit_num_attention_heads=max(1, s["embed_dim"] // 64)),
+    )
+
+
+def random_tokens(n: int, length: int, vocab: int, generator: torch.Generator) -> torch.Tensor:
+    """(n, length) ids with the EOT (the largest id) at varying positions and zeros after it, like real texts."""
+    tokens = torch.randint(1, vocab - 1, (n, length), generator=generator)
+    for i in range(n):
+        eot = min(length - 1, 8 + 7 * i % max(1, length - 8))
+        tokens[i, eot] = vocab - 1
+        tokens[i, eot + 1:] = 0
+    return tokens
+
+
+def write_frame_folders(root: str, videos: int, frames: int, width: int, height: int) -> str:
+    """Frame folders of JPEGs (the generator of benchmarks/data_loading.py) and their list file."""
+    lines = []
+    for v in tqdm(range(videos), desc="writing frame folders", unit="video", leave=False):
+        rng = np.random.default_rng(v)
+        folder = os.path.join(root, f"video_{v:03d}")
+        os.makedirs(folder, exist_ok=True)
+        for k in range(frames):
+            Image.fromarray(synthetic_frame(v, k, width, height, rng)).save(
+                os.path.join(folder, f"img_{k + 1:05d}.jpg"), quality=90)
+        lines.append(f"video_{v:03d} {frames} {v % 10}")
+    path = os.path.join(root, "list.txt")
+    with open(path, "w") as f:
+        f.write("\n".join(lines) + "\n")
+    return path
+
+
+def build_contenders(args, device: torch.device, data_root: str) -> list[Contender]:
+    """Build the selected contenders on ``device``; they share one frozen CLIP."""
+    size = SIZES[args.size]
+    T, B, TB = args.frames, args.batch, args.train_batch
+    R = size["image_resolution"]
+    wanted = args.contenders
+    gen = torch.Generator().manual_seed(0)
+    videos = torch.randn(B, T, 3, R, R, generator=gen).to(device)
+    train_videos = torch.randn(TB, T, 3, R, R, generator=gen).to(device)
+    tokens = random_tokens(TB, size["context_length"], size["vocab_size"], gen).to(device)
+    labels = (torch.arange(TB) % max(1, TB // 2)).to(device)  # some shared labels, as in real batches
+    ac = lambda: engine.autocast(device, args.precision)  # noqa: E731
+
+    clip_model = random_clip(size, seed=0).to(device)
+    out: list[Contender] = []
+
+    def inference(name, label, fn, weights):
+        def run():
+            with torch.inference_mode(), ac():
+                fn(videos)
+        out.append(Contender(name, label, "infer", run, B, weights))
+
+    floor = engine.FrameAverageCLIP(clip_model).eval()
+    t2l = build_t2l(clip_model, num_frames=T).eval()
+    t2l_video_bytes = module_bytes(clip_model.visual) + tensor_bytes(
+        p for n, p in t2l.named_parameters() if not n.startswith(("clip.", "text_adapters.")))
+    if "floor" in wanted:
+        inference("floor", "CLIP per frame + mean (floor)", floor.encode_video, module_bytes(clip_model.visual))
+    if "t2l" in wanted:
+        inference("t2l", "T2L encode_video", t2l.encode_video, t2l_video_bytes)
+    if "xclip" in wanted:
+        try:
+            from transformers import XCLIPModel
+        except ImportError as e:
+            logger.warning("X-CLIP peer skipped: transformers is not importable (%s)", e)
+        else:
+            xclip = XCLIPModel._from_config(xclip_config(size, T), attn_implementation="sdpa").to(device).eval()
+            inference("xclip", "X-CLIP get_video_features (transformers)", xclip.get_video_features,
+                      module_bytes(xclip.vision_model, xclip.visual_projection, xclip.mit))
+    if args.compile:
+        if "floor" in wanted:
+            inference("floor-compiled", "floor, torch.compile", torch.compile(floor.encode_video),
+                      module_bytes(clip_model.visual))
+        if "t2l" in wanted:
+            inference("t2l-compiled", "T2L encode_video, torch.compile", torch.compile(t2l.encode_video),
+                      t2l_video_bytes)
+
+    criterion = T2LLoss()
+    train_kinds = [(n, ckpt, False) for n, ckpt in (("train", False), ("train-ckpt", True)) if n in wanted]
+    if args.compile and "train" in wanted:
+        train_kinds.append(("train-compiled", False, True))
+    for name, checkpointing, compiled in train_kinds:
+        model = build_t2l(clip_model, num_frames=T, activation_checkpointing=checkpointing).train()
+        params = [p for _, p in model.trainable_parameters()]
+        optimizer = torch.optim.AdamW(params, lr=1e-4, betas=(0.9, 0.98), eps=1e-8, weight_decay=0.2)
+        amp = engine.resolve_precision(device, args.precision)
+        scaler = torch.amp.GradScaler(device.type, enabled=amp == torch.float16)
+        forward = torch.compile(model) if compiled else model
+
+        def step(model=model, forward=forward, optimizer=optimizer, scaler=scaler):
+            optimizer.zero_grad(set_to_none=True)
+            with ac():
+                video_emb, frame_emb, text_emb = forward(train_videos, tokens)
+            loss, _ = criterion(video_emb, frame_emb, text_emb, labels, model.logit_scale)
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+
+        # Resident: both towers and T2L's tensors, plus AdamW's two moments per trainable value.
+        resident = module_bytes(model) + 2 * tensor_bytes(params)
+        label = "T2L train step" + (" + activation checkpointing" if checkpointing else "") + \
+                (", torch.compile" if compiled else "")
+        out.append(Contender(name, label, "train", step, TB, resident))
+
+    if "loader" in wanted:
+        w, h = (args.frame_width, args.frame_height)
+        list_file = write_frame_folders(data_root, args.loader_videos, args.source_frames, w, h)
+        dataset = VideoDataset(list_file, root=data_root, num_frames=T, mode="train", input_size=R,
+                               on_error="raise")
+        workers = args.workers
+        loader = DataLoader(dataset, batch_size=TB, shuffle=True, num_workers=workers,
+                            pin_memory=device.type == "cuda", drop_last=True, persistent_workers=workers > 0,
+                            prefetch_factor=4 if workers > 0 else None,
+                            generator=torch.Generator().manual_seed(0))
+        epoch = [0]
+
+        def one_pass():
+            epoch[0] += 1
+            dataset.set_epoch(epoch[0])
+            for batch in loader:
+                batch["video"].to(device, non_blocking=True)
+                batch["label"].to(device, non_blocking=True)
+
+        clips = (len(dataset) // TB) * TB
+        out.append(Contender("loader", f"DataLoader over VideoDataset, {workers} workers "
+                                       f"(frames {w}x{h} JPEG -> {T}x{R}px, train mode)", "load", one_pass, clips,
+                             calls=1))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- timing
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def measure(contenders: list[Contender], device: torch.device, reps: int, warmup: int, iters: int,
+            meter: MemoryMeter) -> None:
+    """Warm up every contender, then ``reps`` interleaved repetitions of ``iters`` calls each."""
+    for c in tqdm(contenders, desc="warm-up", unit="contender", leave=False):
+        for i in range(warmup):
+            start = time.perf_counter()
+            c.run()
+            synchronize(device)
+            if i == 0:
+                c.first_call_s = time.perf_counter() - start
+    bar = tqdm(total=reps * len(contenders), desc="measuring", unit="call", leave=False)
+    for r in range(reps):
+        # Round-robin, rotated by one place per repetition so no contender always runs after the same one.
+        for c in contenders[r % len(contenders):] + contenders[:r % len(contenders)]:
+            meter.start()
+            start = time.perf_counter()
+            calls = c.calls or iters
+            for _ in range(calls):
+                c.run()
+            synchronize(device)
+            elapsed = time.perf_counter() - start
+            c.working.append(meter.stop())
+            c.rates.append(calls * (1 if c.kind == "train" else c.items) / elapsed)
+            bar.update()
+    bar.close()
+
+
+def spread(values: list[float]) -> tuple[float, float, float, float, float]:
+    """(median, min, max, q1, q3)."""
+    med = statistics.median(values)
+    if len(values) >= 2:
+        q1, _, q3 = statistics.quantiles(values, n=4, method="inclusive")
+    else:
+        q1 = q3 = values[0]
+    return med, min(values), max(values), q1, q3
+
+
+def fmt(x: float) -> str:
+    return f"{x:.3g}" if x < 100 else f"{x:.0f}"
+
+
+def result_rows(contenders: list[Contender]) -> list[dict]:
+    """One dict per contender with the figures of the table (rates: videos/s, steps/s or clips/s)."""
+    by_name = {c.name: c for c in contenders}
+    floor = statistics.median(by_name["floor"].rates) if "floor" in by_name else None
+    xclip = statistics.median(by_name["xclip"].rates) if "xclip" in by_name else None
+    rows = []
+    for c in contenders:
+        med, lo, hi, q1, q3 = spread(c.rates)
+        unit = {"infer": "videos/s", "train": "steps/s", "load": "clips/s"}[c.kind]
+        working = statistics.median(c.working) if c.kind != "load" else None
+        row = dict(contender=c.label, name=c.name, kind=c.kind, batch=c.items, median=med, unit=unit, min=lo,
+                   max=hi, q1=q1, q3=q3, working_mib=None if working is None else working / 2 ** 20,
+                   peak_mib=None if working is None else (working + c.resident_bytes) / 2 ** 20,
+                   vs_floor=med / floor if c.kind == "infer" and floor else None,
+                   vs_xclip=med / xclip if c.kind == "infer" and xclip else None,
+                   first_call_s=c.first_call_s, rates=list(c.rates))
+        if c.kind == "train":
+            row["videos_per_s"] = med * c.items
+        rows.append(row)
+    return rows
+
+
+def markdown_table(rows: list[dict]) -> str:
+    lines = ["| " + " | ".join(COLUMNS) + " |", "| --- | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for r in rows:
+        ratio = lambda v: "" if v is None else f"{v:.2f}x"  # noqa: E731
+        mib = lambda v: "n/a" if v is None else f"{v:.0f}"  # noqa: E731
+        lines.append(f"| {r['contender']} | {r['batch']} | {fmt(r['median'])} | {r['unit']} | "
+                     f"{fmt(r['min'])}-{fmt(r['max'])} | {fmt(r['q1'])}-{fmt(r['q3'])} | {mib(r['peak_mib'])} | "
+                     f"{mib(r['working_mib'])} | {ratio(r['vs_floor'])} | {ratio(r['vs_xclip'])} |")
+    return "\n".join(lines)
+
+
+def summary_lines(rows: list[dict], train_batch: int) -> list[str]:
+    by = {r["name"]: r for r in rows}
+    out = []
+    if "t2l" in by and by["t2l"]["vs_floor"] is not None:
+        out.append(f"T2L / floor (videos/s): {by['t2l']['vs_floor']:.3f}")
+    if "t2l" in by and by["t2l"]["vs_xclip"] is not None:
+        out.append(f"T2L / X-CLIP (videos/s): {by['t2l']['vs_xclip']:.3f}")
+    for name in ("train", "train-ckpt", "train-compiled"):
+        if name in by:
+            r = by[name]
+            out.append(f"{r['contender']}: {r['median']:.3g} steps/s = {r['videos_per_s']:.3g} videos/s "
+                       f"(batch {train_batch}), peak {r['peak_mib']:.0f} MiB")
+    if "loader" in by and "train" in by:
+        supply, demand = by["loader"]["median"], by["train"]["videos_per_s"]
+        bound = "compute" if supply >= demand else "loading"
+        out.append(f"loading supplies {supply:.3g} clips/s, a training step consumes {demand:.3g} clips/s: "
+                   f"{bound}-bound ({supply / demand:.2f}x)")
+    for r in rows:
+        if r["name"].endswith("compiled"):
+            out.append(f"{r['contender']}: first call (compilation) {r['first_call_s']:.1f} s")
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- main
+def environment(device: torch.device, threads: int, meter: MemoryMeter) -> dict:
+    try:
+        import transformers
+        tf_version = transformers.__version__
+    except ImportError:
+        tf_version = None
+    env = dict(torch=torch.__version__, transformers=tf_version, python=platform.python_version(),
+               cpus=available_cpus(), torch_threads=threads, processor=platform.processor() or platform.machine(),
+               memory_method=meter.method)
+    if device.type == "cuda":
+        env["gpu"] = torch.cuda.get_device_name(device)
+        env["cuda"] = torch.version.cuda
+    return env
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--size", choices=sorted(SIZES), default="ViT-B/32", help="CLIP size (default ViT-B/32)")
+    parser.add_argument("--frames", type=int, default=8, help="T, frames per video (default 8)")
+    parser.add_argument("--batch", type=int, default=4, help="videos per inference call (default 4)")
+    parser.add_argument("--train-batch", type=int, default=None,
+                        help="videos per training step and loader batch (default: --batch)")
+    parser.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32",
+                        help="autocast dtype (weights stay fp32, as in training); default fp32")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                        help="cpu, cuda or cuda:N (default: cuda when available)")
+    parser.add_argument("--contenders", default=",".join(CONTENDERS),
+                        help=f"comma-separated subset of {','.join(CONTENDERS)} (default all)")
+    parser.add_argument("--compile", action="store_true", help="add torch.compile'd floor, t2l and train")
+    parser.add_argument("--reps", type=int, default=7, help="timed repetitions per contender (default 7)")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed calls per contender first (default 2)")
+    parser.add_argument("--iters", type=int, default=1, help="calls per timed repetition (default 1)")
+    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    parser.add_argument("--workers", type=int, default=None,
+                        help="DataLoader workers for the loader contender (default: the CPUs available)")
+    parser.add_argument("--loader-videos", type=int, default=None,
+                        help="videos in the generated set, one pass per repetition (default 4 x train batch)")
+    parser.add_argument("--source-frames", type=int, default=64, help="frames per generated video (default 64)")
+    parser.add_argument("--frame-width", type=int, default=None, help="generated frame width (default 320, tiny 64)")
+    parser.add_argument("--frame-height", type=int, default=None,
+                        help="generated frame height (default 240, tiny 48)")
+    parser.add_argument("--data-dir", default=None, help="where to write the frames (default: a temp folder)")
+    parser.add_argument("--json", default=None, help="also write the figures, every repetition included, here")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    args.contenders = [c.strip() for c in args.contenders.split(",") if c.strip()]
+    unknown = sorted(set(args.contenders) - set(CONTENDERS))
+    if unknown:
+        parser.error(f"unknown contender(s) {unknown}; choose from {','.join(CONTENDERS)}")
+    if args.train_batch is None:
+        args.train_batch = args.batch
+    if min(args.batch, args.train_batch, args.frames, args.reps, args.iters) < 1 or args.warmup < 1:
+        parser.error("--batch, --train-batch, --frames, --reps, --iters and --warmup must be at least 1")
+    tiny = args.size == "tiny"
+    args.frame_width = args.frame_width or (64 if tiny else 320)
+    args.frame_height = args.frame_height or (48 if tiny else 240)
+    args.loader_videos = args.loader_videos or 4 * args.train_batch
+    if args.loader_videos < args.train_batch:
+        parser.error(f"--loader-videos ({args.loader_videos}) must hold at least one batch ({args.train_batch})")
+    return args
+
+
+def main(argv=None) -> dict:
+    """Run the benchmark; print the markdown table and a summary; return the figures as a dict."""
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    logging.getLogger("modules").setLevel(logging.WARNING)  # one parameter report per T2L built is noise here
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda was asked for but torch sees no CUDA device")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.workers is None:
+        args.workers = available_cpus()
+    torch.manual_seed(args.seed)
+    meter = MemoryMeter(device)
+    env = environment(device, torch.get_num_threads(), meter)
+    load_before = os.getloadavg()
+    data_root = args.data_dir or tempfile.mkdtemp(prefix="t2l_throughput_")
+    os.makedirs(data_root, exist_ok=True)
+    try:
+        contenders = build_contenders(args, device, data_root)
+        # Everything built so far lives until the end: keep it out of the per-call gc.collect (seconds with
+        # transformers' object graph loaded).
+        gc.collect()
+        gc.freeze()
+        measure(contenders, device, args.reps, args.warmup, args.iters, meter)
+    finally:
+        gc.unfreeze()
+        if args.data_dir is None:
+            shutil.rmtree(data_root, ignore_errors=True)
+    load_after = os.getloadavg()
+    rows = result_rows(contenders)
+    command = "python benchmarks/throughput.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    header = (f"{args.size}, {args.frames} frames, inference batch {args.batch}, train batch {args.train_batch}, "
+              f"{args.precision}, device {device}{' (' + env['gpu'] + ')' if 'gpu' in env else ''}; "
+              f"{args.reps} interleaved repetitions x {args.iters} call(s) after {args.warmup} warm-up call(s); "
+              f"torch {env['torch']}, transformers {env['transformers']}, Python {env['python']}; "
+              f"{env['cpus']} CPUs ({env['processor']}), {env['torch_threads']} torch threads; load average "
+              f"(1 min) {load_before[0]:.2f} before, {load_after[0]:.2f} after; peak memory: {meter.method}")
+    print(f"\n`{command.strip()}`\n\n{header}\n")
+    print(markdown_table(rows))
+    print()
+    for line in summary_lines(rows, args.train_batch):
+        print(f"- {line}")
+    result = dict(command=command.strip(), args={k: v for k, v in vars(args).items()}, environment=env,
+                  load_average=dict(before=load_before, after=load_after), rows=rows)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=1)
+    return result
+
+
+if __name__ == "__main__":
+    main()
