@@ -105,19 +105,42 @@ def safe_load(path: str | Path, trust: bool = False, map_location: str = "cpu") 
         raise IsADirectoryError(f"expected a checkpoint file, got a folder: {path}")
     if path.stat().st_size == 0:
         raise ValueError(f"checkpoint {path} is empty (0 bytes): an interrupted copy or download?")
+    if not _is_torch_file(path):
+        # Checked first: torch.load reports random bytes as an unsafe pickle, and trusting them would not help.
+        raise ValueError(f"checkpoint {path} could not be read: it is truncated or not a PyTorch file (neither a "
+                         f"torch.save zip archive nor the legacy torch.save format)")
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
         if not trust:
+            # torch's message is long; the line naming the refused global is the one that says what the file holds.
+            lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+            why = next((line for line in lines if "global" in line.lower()), lines[0] if lines else "")
             raise UnsafeCheckpointError(
                 f"{path} is not a plain weights file: loading it needs full unpickling, which can run arbitrary "
-                f"code ({str(e).splitlines()[0][:200]}). If you made this file yourself or trust its source, pass "
+                f"code ({why[:200]}). If you made this file yourself or trust its source, pass "
                 f"--trust-checkpoint (trust=True); otherwise re-save it as a state dict or safetensors.") from e
         logger.warning("loading %s with full unpickling because it was marked as trusted", path)
         return torch.load(path, map_location=map_location, weights_only=False)
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as e:
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, KeyError, ValueError) as e:
         raise ValueError(f"checkpoint {path} could not be read: it is truncated or not a PyTorch file "
                          f"({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''})") from e
+
+
+# torch.save's legacy (non-zip) format starts with the pickled magic number 0x1950a86a20f9469cfc6c (protocol 2).
+_LEGACY_TORCH_HEAD = b"\x80\x02\x8a\x0a" + (0x1950A86A20F9469CFC6C).to_bytes(10, "little")
+
+
+def _is_torch_file(path: Path) -> bool:
+    """Whether ``path`` is laid out as ``torch.save`` writes: a zip with a ``data.pkl``, or the legacy format."""
+    try:
+        if zipfile.is_zipfile(path):
+            with zipfile.ZipFile(path) as zf:
+                return any(name == "data.pkl" or name.endswith("/data.pkl") for name in zf.namelist())
+        with open(path, "rb") as f:
+            return f.read(len(_LEGACY_TORCH_HEAD)) == _LEGACY_TORCH_HEAD
+    except (OSError, zipfile.BadZipFile):
+        return False
 
 
 def rng_state() -> dict:
