@@ -1,9 +1,12 @@
 """Read selected frames of one video: a folder of frame images or a video file.
 
 Frame folders hold one image per frame named by a template (``img_{:05d}.jpg``, first index 1 by
-default); images are decoded by Pillow (libjpeg-turbo). Video files are decoded by decord, which seeks and decodes only the requested frames. Where decord is not
-importable (no wheel for the platform) PyAV is used instead: it decodes from the start up to the last
-requested frame, slower but everywhere. The reader in use is logged once.
+default); images are decoded by Pillow (libjpeg-turbo). Video files are decoded by decord, which
+seeks to the keyframe before each requested frame and decodes only from there, so its cost grows
+with the keyframe interval. Where decord is not importable (no wheel for the platform) PyAV is used
+instead: it decodes from the start up to the last requested frame, slower but everywhere. The reader
+in use is logged once. Frames come back as uint8 ``(K, 3, H, W)`` views of channels-last memory,
+which the resize in ``datasets.transforms`` processes fastest.
 
 Every failure to read a sample (missing frame, corrupt image, unreadable or empty video) raises
 :class:`SampleLoadError`, whose message names the file; the dataset decides whether to skip it.

@@ -13,7 +13,7 @@ Indices are 0-based offsets into the video; frame-file readers add their ``index
 
 from __future__ import annotations
 
-from typing import Optional, Union
+from typing import Union
 
 import numpy as np
 
