@@ -288,8 +288,11 @@ def train(cfg, args, dist_info, out: Path) -> dict:
 
 
 if __name__ == "__main__":
+    from datasets import SampleLoadError
+    from utils.checkpoint import UnsafeCheckpointError
+
     try:
         main()
-    except (ValueError, FileNotFoundError, NonFiniteLossError, OSError) as e:
+    except (ValueError, FileNotFoundError, NonFiniteLossError, OSError, UnsafeCheckpointError, SampleLoadError) as e:
         logging.getLogger("train").error("%s", e)
         sys.exit(1)
