@@ -42,7 +42,7 @@ from datasets.readers import open_source
 from datasets.transforms import build_transform
 # The dataset's own test-view steps, so that a list file's frame counts are used exactly as test.py uses them.
 from datasets.video_dataset import _frame_count, _test_views
-from features import VideoTextEncoder, find_videos, load_model, read_text_items
+from features import VIDEO_EXTENSIONS, VideoTextEncoder, find_videos, load_model, read_text_items
 from utils.checkpoint import UnsafeCheckpointError
 
 logger = logging.getLogger("extract_features")
@@ -242,6 +242,10 @@ class ShardStore:
     def num_rows(self) -> int:
         return len(self.entries)
 
+    @property
+    def num_shards(self) -> int:
+        return len({e["shard"] for e in self.entries})
+
 
 # ---------------------------------------------------------------------------------------------- run
 def read_video_entries(args) -> list:
@@ -252,8 +256,8 @@ def read_video_entries(args) -> list:
             raise BadInput("--root applies to list files; the input is a folder")
         entries = [(p, 0, None) for p in find_videos(src, args.image_tmpl, args.index_start)]
         if not entries:
-            raise BadInput(f"{src}: no videos ({', '.join(('.mp4', '.avi', '.webm', '...'))}) and no frame "
-                           f"folders (holding {args.image_tmpl.format(args.index_start)}) found")
+            raise BadInput(f"{src}: no video files ({' '.join(VIDEO_EXTENSIONS[:6])} ...) and no frame folders "
+                           f"(holding {args.image_tmpl.format(args.index_start)}) found")
     elif src.is_file():
         entries = [(r.path, r.num_frames, r.label) for r in read_list_file(str(src), root=args.root)]
     else:
@@ -332,8 +336,11 @@ def export_videos(args, encoder: VideoTextEncoder, out: Path) -> dict:
         order = {p: i for i, (p, _, _) in enumerate(entries)}
         atomic_write_text(out / FAILURES, "".join(f"{p}\t{failures[p]}\n" for p in sorted(failures, key=order.get)))
     seconds = time.perf_counter() - start
+    if pending and done_now == 0:
+        logger.error("none of the %d videos to do could be read: check the paths (--root), the frame file naming "
+                     "(--image-tmpl, --index-start) and %s", len(pending), out / FAILURES)
     return {"mode": "videos", "input": os.fspath(args.input), "videos_in_input": len(entries),
-            "exported": store.num_rows, "failed": len(failures), "shards": store.next_shard,
+            "exported": store.num_rows, "failed": len(failures), "shards": store.num_shards,
             "config_hash": config_hash,
             "last_run": {"exported": done_now, "already_done": len(entries) - len(pending), "failed": len(failures),
                          "seconds": round(seconds, 3),
@@ -373,7 +380,7 @@ def export_texts(args, encoder: VideoTextEncoder, out: Path) -> dict:
     atomic_write_text(out / FAILURES, "")
     seconds = time.perf_counter() - start
     return {"mode": "texts", "kind": kind, "input": os.fspath(args.texts), "texts": len(items),
-            "exported": store.num_rows, "failed": 0, "shards": store.next_shard, "config_hash": config_hash,
+            "exported": store.num_rows, "failed": 0, "shards": store.num_shards, "config_hash": config_hash,
             "last_run": {"exported": len(pending), "already_done": len(items) - len(pending),
                          "seconds": round(seconds, 3)}}
 
@@ -396,7 +403,8 @@ EXAMPLES = """examples:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, epilog=EXAMPLES,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("input", nargs="?", help="list file, folder of videos or folder of frame folders (not with --texts)")
     p.add_argument("--model", required=True,
                    help="T2L checkpoint (ours or published), a CLIP name (ViT-B/16 ...) or a CLIP weights file")
@@ -420,6 +428,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="auto (GPU if any), cpu, cuda, cuda:N (default auto)")
     p.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16", "fp16"),
                    help="auto: bf16 (fp16 on older GPUs) on GPU, fp32 on CPU (default auto)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU threads for the model (default: torch's choice; 1 is often fastest on a busy machine)")
     p.add_argument("--trust-checkpoint", action="store_true",
                    help="allow checkpoints that need full unpickling (can run code): only files you trust")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -436,6 +446,8 @@ def validate(args, parser) -> None:
             parser.error(f"--{name.replace('_', '-')} must be >= 1")
     if args.workers < 0:
         parser.error("--workers must be >= 0")
+    if args.threads is not None and args.threads < 1:
+        parser.error("--threads must be >= 1")
 
 
 def main(argv=None) -> int:
@@ -451,6 +463,8 @@ def main(argv=None) -> int:
         return 2
     out.mkdir(parents=True, exist_ok=True)
     setup_logging(str(out), 0, filename="extract_log.txt")
+    if args.threads:
+        torch.set_num_threads(args.threads)
     try:
         encoder = load_model(args.model, device=args.device, precision=args.precision, num_frames=args.frames,
                              input_size=args.input_size, num_clips=args.clips, num_crops=args.crops,

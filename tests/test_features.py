@@ -54,12 +54,21 @@ def save_tiny_checkpoint(path: Path, seed: int = 0) -> Path:
 
 
 @pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One intra-op thread: on a busy 2-core machine, two threads spin against each other and run 20x slower."""
+def one_thread_and_own_logging():
+    """One intra-op thread (on a busy 2-core machine two threads spin against each other and run 20x slower);
+    afterwards, the root logger as it was (extract_features.main sets up console and file logging)."""
+    import logging
+
     before = torch.get_num_threads()
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+    for h in [h for h in root.handlers if h not in handlers]:
+        root.removeHandler(h)
+        h.close()
+    root.setLevel(level)
 
 
 @pytest.fixture(scope="module")
@@ -145,8 +154,9 @@ def test_export_equals_api_and_nearest_class_equals_test_py(demo, ckpt, encoder,
     names, tokens = engine.class_tokens(str(demo / "classes.csv"), str(demo / "descriptions.csv"), "descriptions")
     ds = VideoDataset(str(demo / "val.txt"), root=str(demo / "frames"), num_frames=8, mode="test",
                              input_size=32, on_error="raise")
-    scores, score_labels, _ = engine.score_dataset(model, ds, engine.encode_class_texts(model, tokens, torch.device("cpu")),
-                                                   torch.device("cpu"), batch_size=8, num_workers=0)
+    text_emb = engine.encode_class_texts(model, tokens, torch.device("cpu"))
+    scores, score_labels, _ = engine.score_dataset(model, ds, text_emb, torch.device("cpu"), batch_size=8,
+                                                   num_workers=0)
     assert scores.argmax(1).tolist() == nearest.tolist()
     assert score_labels.tolist() == labels.tolist()
 
