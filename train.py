@@ -163,8 +163,9 @@ def train(cfg, args, dist_info, out: Path) -> dict:
     ddp_model = model
     if dist_info.enabled:
         ddp_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    # Rows are 1-based epochs; a resumed run redoes epochs start_epoch + 1 onwards.
-    metrics_csv = MetricsCSV(out / "metrics.csv", start_epoch=start_epoch + 1) if dist_info.is_main else None
+    # Opened at the first epoch's end (it drops the rows this run redoes), so a run that fails during its first
+    # epoch leaves the folder's metrics.csv as it was.
+    metrics_csv = None
     wandb = (WandbLogger(cfg.logging.wandb_project, config=cfg.to_dict(), mode=cfg.logging.wandb_mode, dir=str(out))
              if cfg.logging.wandb and dist_info.is_main else None)
 
@@ -265,6 +266,8 @@ def train(cfg, args, dist_info, out: Path) -> dict:
                                    best=best, nonfinite_skipped=nonfinite_total, config=cfg.to_dict())
             # last.pt is the commit point of the epoch, so it is written last: a run killed before it redoes the
             # epoch (and rewrites the files below identically); one killed after it has all of them.
+            if metrics_csv is None:  # rows are 1-based epochs; a resumed run redoes epochs start_epoch + 1 onwards
+                metrics_csv = MetricsCSV(out / "metrics.csv", start_epoch=start_epoch + 1)
             metrics_csv.log(row)
             for name in improved:
                 atomic_save(ckpt, out / f"best_{name}.pt")
