@@ -61,7 +61,6 @@ def main(argv=None) -> dict:
     out = Path(cfg.output_dir)
     if dist_info.is_main:
         out.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, out / "config.yaml")
     distributed.barrier()
     setup_logging(str(out), dist_info.rank, filename="test_log.txt")
     try:
@@ -103,6 +102,9 @@ def run(cfg, dist_info, out: Path) -> dict:
         logger.info("base-to-novel over %d training set(s): base %.2f, novel %.2f, HM %.2f", len(runs), b2n["base"],
                     b2n["novel"], b2n["hm"])
     if dist_info.is_main:
+        # config.yaml describes results.json, so both are written together: a run that fails (bad weights, bad
+        # list) leaves an earlier run's pair in the folder as it was.
+        save_config(cfg, out / "config.yaml")
         (out / "results.json").write_text(json.dumps(results, indent=2))
         logger.info("results written to %s\n%s", out / "results.json", results_table(results))
     return results
