@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import re
 import types
 import typing
 from dataclasses import dataclass, field, fields
@@ -306,6 +307,10 @@ def _validate(cfg: Config, source: str) -> None:
     for s in cfg.eval.sets:
         if not s.name:
             raise ConfigError(f"{source}: every eval.sets entry needs a name")
+        # The name becomes part of file names (best_<name>.pt, per_class_<name>_...): no path separators.
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", s.name) or ".." in s.name:
+            raise ConfigError(f"{source}: eval set name {s.name!r} may hold only letters, digits, '_', '-' and '.' "
+                              f"(it is used in output file names)")
         if not s.lists:
             raise ConfigError(f"{source}: eval set {s.name!r} has no list files (eval.sets[].lists)")
         if s.group not in (None, "base", "novel"):
