@@ -93,10 +93,22 @@ def find_videos(src, extensions: Sequence[str] = VIDEO_EXTENSIONS, exclude=None)
     exts = {e.lower() if e.startswith(".") else "." + e.lower() for e in extensions}
     exclude = Path(exclude).resolve() if exclude is not None else None
     videos: List[Video] = []
+    seen_dirs = {src}  # real folders already walked: a symlink loop is entered once, not once per level
     for root, dirs, files in os.walk(src, followlinks=True):
         rootp = Path(root)
         # Hidden folders hold our own temporary frames (when OUT is inside SRC) or OS metadata.
-        dirs[:] = sorted(d for d in dirs if not d.startswith(".") and (exclude is None or (rootp / d).resolve() != exclude))
+        keep = []
+        for d in sorted(dirs):
+            real = (rootp / d).resolve()
+            if d.startswith(".") or (exclude is not None and real == exclude):
+                continue
+            if real in seen_dirs:
+                logger.warning("skipping %s: it leads to folder %s, which is already searched (a symlink loop or "
+                               "a second link to it)", rootp / d, real)
+                continue
+            seen_dirs.add(real)
+            keep.append(d)
+        dirs[:] = keep
         for name in sorted(files):
             if name.startswith("."):
                 continue
