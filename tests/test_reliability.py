@@ -149,8 +149,8 @@ def _arm(kind: str, target, n: int, fraction: float) -> None:
         save = torch.save
 
         def killing_save(obj, f, *args, **kwargs):
-            path = sys._getframe(1).f_locals.get("path")  # atomic_save's target
-            if path is not None and Path(path).name == target and due():
+            final = _atomic_target(f)  # atomic_save writes into ".<target>.<random>.tmp" next to the target
+            if final is not None and final.name == target and due():
                 buf = io.BytesIO()
                 save(obj, buf, *args, **kwargs)
                 f.write(buf.getvalue()[:int(len(buf.getvalue()) * fraction)])
@@ -346,8 +346,8 @@ def test_a_full_disk_while_saving_keeps_the_previous_checkpoint_and_names_the_fi
     kept = {}
 
     def full_disk(obj, f, *args, **kwargs):
-        path = sys._getframe(1).f_locals.get("path")
-        if path is not None and Path(path).name == "last.pt":
+        path = _atomic_target(f)
+        if path is not None and path.name == "last.pt":
             seen["last.pt"] += 1
             if seen["last.pt"] == 2:  # epoch 2's checkpoint: half of it fits, then the disk is full
                 kept["bytes"] = Path(path).read_bytes()
@@ -368,6 +368,15 @@ def test_a_full_disk_while_saving_keeps_the_previous_checkpoint_and_names_the_fi
     train_script.main(train_args(demo, out))
     assert_same_checkpoint(safe_load(reference / "last.pt"), safe_load(out / "last.pt"), "last.pt")
     assert metrics_rows(out) == metrics_rows(reference)
+
+
+def _atomic_target(f):
+    """The final path an atomic writer's temporary file ``.<name>.<random>.tmp`` stands for (None otherwise)."""
+    if not hasattr(f, "fileno"):
+        return None
+    tmp = Path(os.readlink(f"/proc/self/fd/{f.fileno()}"))
+    m = re.fullmatch(r"\.(.+)\.[A-Za-z0-9_]{8}\.tmp", tmp.name)
+    return tmp.with_name(m.group(1)) if m else None
 
 
 # ================================================================================ 2. bad inputs

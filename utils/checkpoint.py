@@ -15,7 +15,7 @@ import re
 import tempfile
 import zipfile
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO, Callable
 
 import torch
 
@@ -26,30 +26,40 @@ class UnsafeCheckpointError(RuntimeError):
     """The file needs full unpickling (it could run code); refused unless trusted explicitly."""
 
 
-def atomic_save(obj: Any, path: str | Path) -> None:
-    """``torch.save`` to ``path`` atomically: temp file in the same folder, fsync, rename.
+def atomic_write(path: str | Path, write: Callable[[BinaryIO], None]) -> None:
+    """``write(file)`` into a temporary file next to ``path``, fsync, rename over ``path``.
 
-    On failure (e.g. no space left) the temp file is removed, any previous ``path`` is untouched, and the
-    error says which file could not be written.
+    Readers see the old file or the complete new one, never a partial one; on failure the temporary file is
+    removed and the error propagates.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException as e:
+    except BaseException:
         try:
             os.unlink(tmp)
         except FileNotFoundError:
             pass
-        if isinstance(e, Exception):
-            raise OSError(f"could not write checkpoint {path}: {e}; the previous file (if any) is unchanged") from e
         raise
     _fsync_dir(path.parent)
+
+
+def atomic_save(obj: Any, path: str | Path) -> None:
+    """``torch.save`` to ``path`` atomically (:func:`atomic_write`).
+
+    On failure (e.g. no space left) any previous ``path`` is untouched and the error says which file could not be
+    written.
+    """
+    try:
+        atomic_write(path, lambda f: torch.save(obj, f))
+    except Exception as e:
+        raise OSError(f"could not write checkpoint {path}: {e}; the previous file (if any) is unchanged") from e
 
 
 # What atomic_save (and the metrics CSV writer) name their temporary files: ".<final name>.<8 random chars>.tmp".
