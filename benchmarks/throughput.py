@@ -78,8 +78,8 @@ SIZES = {
                      transformer_layers=12, vision_heads=12),
 }
 CONTENDERS = ("floor", "t2l", "xclip", "train", "train-ckpt", "loader")
-COLUMNS = ("contender", "batch", "median", "unit", "min-max", "IQR", "peak MiB", "working MiB", "vs floor",
-           "vs X-CLIP")
+COLUMNS = ("contender", "batch", "median", "unit", "min-max", "IQR", "per CPU-s", "peak MiB", "working MiB",
+           "vs floor", "vs X-CLIP")
 
 
 # ---------------------------------------------------------------------------------------------- memory
@@ -172,9 +172,11 @@ class Contender:
     items: int                     # videos (infer/train) or clips (load) per run()
     resident_bytes: int = 0        # weights (+ optimiser state) it uses, for the "peak" column
     rates: list = field(default_factory=list)
+    cpu_rates: list = field(default_factory=list)  # items per second of this process's CPU time
     working: list = field(default_factory=list)
     first_call_s: float = 0.0      # the first warm-up call (includes compilation for compiled contenders)
     calls: Optional[int] = None    # run() calls per repetition; None: --iters (a loader pass is already many)
+    workers: int = 0               # DataLoader worker processes (loader only)
 
 
 def xclip_config(size: dict, frames: int):
@@ -318,7 +320,7 @@ def build_contenders(args, device: torch.device, data_root: str) -> list[Contend
         clips = (len(dataset) // TB) * TB
         out.append(Contender("loader", f"DataLoader over VideoDataset, {workers} workers "
                                        f"(frames {w}x{h} JPEG -> {T}x{R}px, train mode)", "load", one_pass, clips,
-                             calls=1))
+                             calls=1, workers=workers))
     return out
 
 
@@ -343,14 +345,16 @@ def measure(contenders: list[Contender], device: torch.device, reps: int, warmup
         # Round-robin, rotated by one place per repetition so no contender always runs after the same one.
         for c in contenders[r % len(contenders):] + contenders[:r % len(contenders)]:
             meter.start()
-            start = time.perf_counter()
+            cpu_start, start = time.process_time(), time.perf_counter()
             calls = c.calls or iters
             for _ in range(calls):
                 c.run()
             synchronize(device)
-            elapsed = time.perf_counter() - start
+            elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu_start
             c.working.append(meter.stop())
-            c.rates.append(calls * (1 if c.kind == "train" else c.items) / elapsed)
+            per_call = 1 if c.kind == "train" else c.items
+            c.rates.append(calls * per_call / elapsed)
+            c.cpu_rates.append(calls * per_call / max(cpu, 1e-9))
             bar.update()
     bar.close()
 
@@ -369,18 +373,24 @@ def fmt(x: float) -> str:
     return f"{x:.3g}" if x < 100 else f"{x:.0f}"
 
 
-def result_rows(contenders: list[Contender]) -> list[dict]:
-    """One dict per contender with the figures of the table (rates: videos/s, steps/s or clips/s)."""
+def result_rows(contenders: list[Contender], device: torch.device) -> list[dict]:
+    """One dict per contender with the figures of the table (rates: videos/s, steps/s or clips/s).
+
+    ``cpu_median`` is the rate per second of this process's CPU time (CPU device only; not for a loader with
+    worker processes): with one torch thread it hardly moves with the load other processes put on the machine.
+    """
     by_name = {c.name: c for c in contenders}
     floor = statistics.median(by_name["floor"].rates) if "floor" in by_name else None
     xclip = statistics.median(by_name["xclip"].rates) if "xclip" in by_name else None
     rows = []
     for c in contenders:
         med, lo, hi, q1, q3 = spread(c.rates)
+        in_process = device.type == "cpu" and not (c.kind == "load" and c.workers > 0)
+        cpu_med = statistics.median(c.cpu_rates) if in_process else None
         unit = {"infer": "videos/s", "train": "steps/s", "load": "clips/s"}[c.kind]
         working = statistics.median(c.working) if c.kind != "load" else None
         row = dict(contender=c.label, name=c.name, kind=c.kind, batch=c.items, median=med, unit=unit, min=lo,
-                   max=hi, q1=q1, q3=q3, working_mib=None if working is None else working / 2 ** 20,
+                   max=hi, q1=q1, q3=q3, cpu_median=cpu_med, cpu_rates=list(c.cpu_rates), working_mib=None if working is None else working / 2 ** 20,
                    peak_mib=None if working is None else (working + c.resident_bytes) / 2 ** 20,
                    vs_floor=med / floor if c.kind == "infer" and floor else None,
                    vs_xclip=med / xclip if c.kind == "infer" and xclip else None,
@@ -392,12 +402,13 @@ def result_rows(contenders: list[Contender]) -> list[dict]:
 
 
 def markdown_table(rows: list[dict]) -> str:
-    lines = ["| " + " | ".join(COLUMNS) + " |", "| --- | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    lines = ["| " + " | ".join(COLUMNS) + " |", "| --- | ---: | ---: | --- | " + " | ".join(["---:"] * 7) + " |"]
     for r in rows:
         ratio = lambda v: "" if v is None else f"{v:.2f}x"  # noqa: E731
         mib = lambda v: "n/a" if v is None else f"{v:.0f}"  # noqa: E731
         lines.append(f"| {r['contender']} | {r['batch']} | {fmt(r['median'])} | {r['unit']} | "
-                     f"{fmt(r['min'])}-{fmt(r['max'])} | {fmt(r['q1'])}-{fmt(r['q3'])} | {mib(r['peak_mib'])} | "
+                     f"{fmt(r['min'])}-{fmt(r['max'])} | {fmt(r['q1'])}-{fmt(r['q3'])} | "
+                     f"{'n/a' if r['cpu_median'] is None else fmt(r['cpu_median'])} | {mib(r['peak_mib'])} | "
                      f"{mib(r['working_mib'])} | {ratio(r['vs_floor'])} | {ratio(r['vs_xclip'])} |")
     return "\n".join(lines)
 
@@ -409,6 +420,9 @@ def summary_lines(rows: list[dict], train_batch: int) -> list[str]:
         out.append(f"T2L / floor (videos/s): {by['t2l']['vs_floor']:.3f}")
     if "t2l" in by and by["t2l"]["vs_xclip"] is not None:
         out.append(f"T2L / X-CLIP (videos/s): {by['t2l']['vs_xclip']:.3f}")
+    for other, label in (("floor", "floor"), ("xclip", "X-CLIP")):
+        if "t2l" in by and other in by and by["t2l"]["cpu_median"] and by[other]["cpu_median"]:
+            out.append(f"T2L / {label} per CPU-second: {by['t2l']['cpu_median'] / by[other]['cpu_median']:.3f}")
     for name in ("train", "train-ckpt", "train-compiled"):
         if name in by:
             r = by[name]
@@ -518,7 +532,7 @@ def main(argv=None) -> dict:
         if args.data_dir is None:
             shutil.rmtree(data_root, ignore_errors=True)
     load_after = os.getloadavg()
-    rows = result_rows(contenders)
+    rows = result_rows(contenders, device)
     command = "python benchmarks/throughput.py " + " ".join(argv if argv is not None else sys.argv[1:])
     header = (f"{args.size}, {args.frames} frames, inference batch {args.batch}, train batch {args.train_batch}, "
               f"{args.precision}, device {device}{' (' + env['gpu'] + ')' if 'gpu' in env else ''}; "
