@@ -432,7 +432,8 @@ def summary_lines(rows: list[dict], train_batch: int) -> list[str]:
         supply, demand = by["loader"]["median"], by["train"]["videos_per_s"]
         bound = "compute" if supply >= demand else "loading"
         out.append(f"loading supplies {supply:.3g} clips/s, a training step consumes {demand:.3g} clips/s: "
-                   f"{bound}-bound ({supply / demand:.2f}x)")
+                   f"{bound}-bound (loading at {supply / demand:.3g}x the need; on CPU the workers take cores from the "
+                   f"model, which this interleaved measurement does not show)")
     for r in rows:
         if r["name"].endswith("compiled"):
             out.append(f"{r['contender']}: first call (compilation) {r['first_call_s']:.1f} s")
