@@ -9,6 +9,10 @@ Contenders (``--contenders``, default all):
   floor       frozen CLIP encoding every frame, frame embeddings averaged (engine.FrameAverageCLIP): the floor
   t2l         T2L ``encode_video`` (temporal tokens + adapters)
   xclip       transformers' X-CLIP ``get_video_features`` with an XCLIPConfig of the same size (the peer)
+  t2l-classify    zero-shot classification: T2L ``encode_video`` and cosine logits against ``--classes`` class
+                  embeddings computed once (what test.py does per batch)
+  xclip-classify  X-CLIP's zero-shot path (``XCLIPModel.forward`` with the text tower's output computed once):
+                  video features, then its video-conditioned prompt generator on every (video, class) pair
   train       one T2L training step: forward (video + text) + T2L loss + backward + AdamW on the trainable tensors
   train-ckpt  the same with activation checkpointing
   loader      frames on disk -> batch on the device: a DataLoader over datasets.VideoDataset (train mode) on
@@ -54,6 +58,7 @@ if REPO not in sys.path:
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
 from PIL import Image  # noqa: E402
 from torch.utils.data import DataLoader  # noqa: E402
 from tqdm import tqdm  # noqa: E402
@@ -77,7 +82,7 @@ SIZES = {
                      context_length=77, vocab_size=49408, transformer_width=512, transformer_heads=8,
                      transformer_layers=12, vision_heads=12),
 }
-CONTENDERS = ("floor", "t2l", "xclip", "train", "train-ckpt", "loader")
+CONTENDERS = ("floor", "t2l", "xclip", "t2l-classify", "xclip-classify", "train", "train-ckpt", "loader")
 COLUMNS = ("contender", "batch", "median", "unit", "min-max", "IQR", "per CPU-s", "peak MiB", "working MiB",
            "vs floor", "vs X-CLIP")
 
@@ -197,6 +202,37 @@ def xclip_config(size: dict, frames: int):
     )
 
 
+def t2l_zero_shot_logits(t2l, videos: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+    """(B, K) logits of T2L against L2-normalised class embeddings ``text`` (K, E), as test.py scores."""
+    video_emb, _ = t2l.encode_video(videos)
+    return t2l.logit_scale.exp() * F.normalize(video_emb.float(), dim=-1) @ text.t()
+
+
+def xclip_text_embeddings(xclip, tokens: torch.Tensor) -> torch.Tensor:
+    """X-CLIP's projected class-text embeddings (K, E): the part of its forward that does not see the video."""
+    eot = tokens.argmax(dim=-1, keepdim=True)  # CLIP's EOT has the largest id; attend up to and including it
+    mask = (torch.arange(tokens.shape[1], device=tokens.device)[None] <= eot).long()
+    return xclip.text_projection(xclip.text_model(input_ids=tokens, attention_mask=mask).pooler_output)
+
+
+def xclip_zero_shot_logits(xclip, videos: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+    """(B, K) logits of ``XCLIPModel.forward`` given the cached text embeddings (K, E).
+
+    The steps of transformers' forward after its text tower: video features (vision model, projection, the
+    multi-frame integration transformer), then the prompt generator that conditions every class embedding on
+    the video's patch features, then cosine logits. tests/test_benchmark_smoke.py checks it equals the forward.
+    """
+    B, T = videos.shape[:2]
+    vision = xclip.vision_model(pixel_values=videos.flatten(0, 1))
+    video = xclip.mit(xclip.visual_projection(vision.pooler_output).view(B, T, -1)).pooler_output
+    patches = xclip.prompts_visual_layernorm(vision.last_hidden_state[:, 1:, :]) @ xclip.prompts_visual_projection
+    patches = patches.view(B, T, -1, video.shape[-1]).mean(dim=1)
+    text = text.unsqueeze(0).expand(B, -1, -1)
+    text = text + xclip.prompts_generator(text, patches)
+    video, text = F.normalize(video, dim=-1), F.normalize(text, dim=-1)
+    return torch.einsum("bd,bkd->bk", video, xclip.logit_scale.exp() * text)
+
+
 def random_tokens(n: int, length: int, vocab: int, generator: torch.Generator) -> torch.Tensor:
     """(n, length) ids with the EOT (the largest id) at varying positions and zeros after it, like real texts."""
     tokens = torch.randint(1, vocab - 1, (n, length), generator=generator)
@@ -254,15 +290,31 @@ def build_contenders(args, device: torch.device, data_root: str) -> list[Contend
         inference("floor", "CLIP per frame + mean (floor)", floor.encode_video, module_bytes(clip_model.visual))
     if "t2l" in wanted:
         inference("t2l", "T2L encode_video", t2l.encode_video, t2l_video_bytes)
-    if "xclip" in wanted:
+    K = args.classes
+    class_tokens = random_tokens(K, size["context_length"], size["vocab_size"], gen).to(device)
+    if "t2l-classify" in wanted:
+        with torch.inference_mode(), ac():
+            t2l_text = F.normalize(t2l.encode_text(class_tokens).float(), dim=-1)
+        inference("t2l-classify", f"T2L zero-shot logits, {K} classes (text embeddings cached)",
+                  lambda v: t2l_zero_shot_logits(t2l, v, t2l_text), t2l_video_bytes + tensor_bytes([t2l_text]))
+    if "xclip" in wanted or "xclip-classify" in wanted:
         try:
             from transformers import XCLIPModel
         except ImportError as e:
             logger.warning("X-CLIP peer skipped: transformers is not importable (%s)", e)
         else:
             xclip = XCLIPModel._from_config(xclip_config(size, T), attn_implementation="sdpa").to(device).eval()
-            inference("xclip", "X-CLIP get_video_features (transformers)", xclip.get_video_features,
-                      module_bytes(xclip.vision_model, xclip.visual_projection, xclip.mit))
+            video_bytes = module_bytes(xclip.vision_model, xclip.visual_projection, xclip.mit)
+            if "xclip" in wanted:
+                inference("xclip", "X-CLIP get_video_features (transformers)", xclip.get_video_features,
+                          video_bytes)
+            if "xclip-classify" in wanted:
+                with torch.inference_mode(), ac():
+                    xclip_text = xclip_text_embeddings(xclip, class_tokens)
+                inference("xclip-classify", f"X-CLIP zero-shot logits, {K} classes (text tower cached, prompt "
+                          "generator per video)", lambda v: xclip_zero_shot_logits(xclip, v, xclip_text),
+                          video_bytes + module_bytes(xclip.prompts_generator, xclip.prompts_visual_layernorm)
+                          + tensor_bytes([xclip.prompts_visual_projection, xclip_text]))
     if args.compile:
         if "floor" in wanted:
             inference("floor-compiled", "floor, torch.compile", torch.compile(floor.encode_video),
@@ -382,9 +434,11 @@ def result_rows(contenders: list[Contender], device: torch.device) -> list[dict]
     by_name = {c.name: c for c in contenders}
     floor = statistics.median(by_name["floor"].rates) if "floor" in by_name else None
     xclip = statistics.median(by_name["xclip"].rates) if "xclip" in by_name else None
+    xclip_zs = statistics.median(by_name["xclip-classify"].rates) if "xclip-classify" in by_name else None
     rows = []
     for c in contenders:
         med, lo, hi, q1, q3 = spread(c.rates)
+        classify = c.name.endswith("classify")  # compared with the other classifier, not the encoders
         in_process = device.type == "cpu" and not (c.kind == "load" and c.workers > 0)
         cpu_med = statistics.median(c.cpu_rates) if in_process else None
         unit = {"infer": "videos/s", "train": "steps/s", "load": "clips/s"}[c.kind]
@@ -392,8 +446,9 @@ def result_rows(contenders: list[Contender], device: torch.device) -> list[dict]
         row = dict(contender=c.label, name=c.name, kind=c.kind, batch=c.items, median=med, unit=unit, min=lo,
                    max=hi, q1=q1, q3=q3, cpu_median=cpu_med, cpu_rates=list(c.cpu_rates), working_mib=None if working is None else working / 2 ** 20,
                    peak_mib=None if working is None else (working + c.resident_bytes) / 2 ** 20,
-                   vs_floor=med / floor if c.kind == "infer" and floor else None,
-                   vs_xclip=med / xclip if c.kind == "infer" and xclip else None,
+                   vs_floor=med / floor if c.kind == "infer" and floor and not classify else None,
+                   vs_xclip=(med / xclip_zs if classify and xclip_zs else
+                             med / xclip if c.kind == "infer" and xclip and not classify else None),
                    first_call_s=c.first_call_s, rates=list(c.rates))
         if c.kind == "train":
             row["videos_per_s"] = med * c.items
@@ -420,6 +475,8 @@ def summary_lines(rows: list[dict], train_batch: int) -> list[str]:
         out.append(f"T2L / floor (videos/s): {by['t2l']['vs_floor']:.3f}")
     if "t2l" in by and by["t2l"]["vs_xclip"] is not None:
         out.append(f"T2L / X-CLIP (videos/s): {by['t2l']['vs_xclip']:.3f}")
+    if "t2l-classify" in by and by["t2l-classify"]["vs_xclip"] is not None:
+        out.append(f"T2L / X-CLIP zero-shot classification (videos/s): {by['t2l-classify']['vs_xclip']:.3f}")
     for other, label in (("floor", "floor"), ("xclip", "X-CLIP")):
         if "t2l" in by and other in by and by["t2l"]["cpu_median"] and by[other]["cpu_median"]:
             out.append(f"T2L / {label} per CPU-second: {by['t2l']['cpu_median'] / by[other]['cpu_median']:.3f}")
@@ -469,6 +526,8 @@ def parse_args(argv=None):
                         help="cpu, cuda or cuda:N (default: cuda when available)")
     parser.add_argument("--contenders", default=",".join(CONTENDERS),
                         help=f"comma-separated subset of {','.join(CONTENDERS)} (default all)")
+    parser.add_argument("--classes", type=int, default=400,
+                        help="classes for the zero-shot classification contenders (default 400, Kinetics-400)")
     parser.add_argument("--compile", action="store_true", help="add torch.compile'd floor, t2l and train")
     parser.add_argument("--reps", type=int, default=7, help="timed repetitions per contender (default 7)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed calls per contender first (default 2)")

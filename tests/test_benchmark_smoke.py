@@ -17,7 +17,7 @@ def test_throughput_main_prints_the_table_with_every_contender(tmp_path, capsys)
 def _check_main(tmp_path, capsys):
     out_json = tmp_path / "figures.json"
     result = throughput.main(["--size", "tiny", "--frames", "4", "--batch", "2", "--reps", "2", "--warmup", "1",
-                              "--workers", "0", "--threads", "1", "--loader-videos", "4", "--source-frames", "6",
+                              "--workers", "0", "--threads", "1", "--classes", "7", "--loader-videos", "4", "--source-frames", "6",
                               "--data-dir", str(tmp_path / "frames"), "--json", str(out_json)])
     printed = capsys.readouterr().out
     header = next(line for line in printed.splitlines() if line.startswith("| contender"))
@@ -32,6 +32,9 @@ def _check_main(tmp_path, capsys):
     assert rows["floor"]["vs_floor"] == 1.0
     assert abs(rows["t2l"]["vs_floor"] - rows["t2l"]["median"] / rows["floor"]["median"]) < 1e-9
     assert abs(rows["t2l"]["vs_xclip"] - rows["t2l"]["median"] / rows["xclip"]["median"]) < 1e-9
+    # The classifiers are compared with each other, not with the encoders.
+    zs = rows["t2l-classify"]["median"] / rows["xclip-classify"]["median"]
+    assert abs(rows["t2l-classify"]["vs_xclip"] - zs) < 1e-9 and rows["t2l-classify"]["vs_floor"] is None
     # Units: inference in videos/s, training in steps/s (and videos/s = steps/s x batch), loading in clips/s.
     assert rows["t2l"]["unit"] == "videos/s" and rows["loader"]["unit"] == "clips/s"
     assert rows["train"]["unit"] == "steps/s" and rows["train"]["videos_per_s"] == rows["train"]["median"] * 2
@@ -40,3 +43,21 @@ def _check_main(tmp_path, capsys):
     assert rows["loader"]["batch"] == 4 and rows["loader"]["peak_mib"] is None  # one pass over 4 clips
     assert "loading supplies" in printed and "T2L / floor" in printed
     assert json.loads(out_json.read_text())["rows"][0]["name"] == "floor"
+
+
+def test_xclip_zero_shot_contender_computes_what_xclip_forward_computes():
+    """The X-CLIP classification contender must time X-CLIP's real zero-shot path, not a cheaper one."""
+    from transformers import XCLIPModel
+
+    size, T = throughput.SIZES["tiny"], 4
+    torch.manual_seed(0)
+    xclip = XCLIPModel._from_config(throughput.xclip_config(size, T), attn_implementation="sdpa").eval()
+    gen = torch.Generator().manual_seed(1)
+    tokens = throughput.random_tokens(5, size["context_length"], size["vocab_size"], gen)
+    videos = torch.randn(3, T, 3, size["image_resolution"], size["image_resolution"], generator=gen)
+    mask = (torch.arange(tokens.shape[1])[None] <= tokens.argmax(-1, keepdim=True)).long()
+    with torch.no_grad():
+        reference = xclip(input_ids=tokens, attention_mask=mask, pixel_values=videos).logits_per_video
+        ours = throughput.xclip_zero_shot_logits(xclip, videos, throughput.xclip_text_embeddings(xclip, tokens))
+    assert ours.shape == (3, 5)
+    torch.testing.assert_close(ours, reference, rtol=1e-5, atol=1e-5)
