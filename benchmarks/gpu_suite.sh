@@ -23,6 +23,6 @@ done
 $PY benchmarks/throughput.py "${common[@]}" --batch 64 --train-batch 64 \
     --contenders floor,t2l,xclip,t2l-classify,xclip-classify,train,train-ckpt \
     --json "$OUT_DIR/b16_bs64.json" || status=1
-timeout 240 $PY benchmarks/throughput.py "${common[@]}" --batch 32 --contenders floor,t2l --compile \
+timeout 150 $PY benchmarks/throughput.py "${common[@]}" --batch 32 --contenders floor,t2l --compile \
     --json "$OUT_DIR/b16_bs32_compile.json" || status=1
 exit $status
