@@ -283,7 +283,7 @@ def build_contenders(args, device: torch.device, data_root: str) -> list[Contend
         out.append(Contender(name, label, "infer", run, B, weights))
 
     floor = engine.FrameAverageCLIP(clip_model).eval()
-    t2l = build_t2l(clip_model, num_frames=T).eval()
+    t2l = build_t2l(clip_model, num_frames=T).to(device).eval()  # T2L's own tensors are made on the CPU
     t2l_video_bytes = module_bytes(clip_model.visual) + tensor_bytes(
         p for n, p in t2l.named_parameters() if not n.startswith(("clip.", "text_adapters.")))
     if "floor" in wanted:
@@ -328,7 +328,7 @@ def build_contenders(args, device: torch.device, data_root: str) -> list[Contend
     if args.compile and "train" in wanted:
         train_kinds.append(("train-compiled", False, True))
     for name, checkpointing, compiled in train_kinds:
-        model = build_t2l(clip_model, num_frames=T, activation_checkpointing=checkpointing).train()
+        model = build_t2l(clip_model, num_frames=T, activation_checkpointing=checkpointing).to(device).train()
         params = [p for _, p in model.trainable_parameters()]
         optimizer = torch.optim.AdamW(params, lr=1e-4, betas=(0.9, 0.98), eps=1e-8, weight_decay=0.2)
         amp = engine.resolve_precision(device, args.precision)

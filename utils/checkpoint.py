@@ -50,12 +50,25 @@ def atomic_write(path: str | Path, write: Callable[[BinaryIO], None]) -> None:
     _fsync_dir(path.parent)
 
 
-def atomic_save(obj: Any, path: str | Path) -> None:
-    """``torch.save`` to ``path`` atomically (:func:`atomic_write`).
+def to_cpu(obj: Any) -> Any:
+    """``obj`` with every tensor inside (dicts, lists, tuples) moved to the CPU; other values as they are."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().cpu()
+    if isinstance(obj, dict):
+        return type(obj)((k, to_cpu(v)) for k, v in obj.items())
+    if isinstance(obj, (list, tuple)) and not hasattr(obj, "_fields"):
+        return type(obj)(to_cpu(v) for v in obj)
+    return obj
 
-    On failure (e.g. no space left) any previous ``path`` is untouched and the error says which file could not be
-    written.
+
+def atomic_save(obj: Any, path: str | Path) -> None:
+    """``torch.save`` to ``path`` atomically (:func:`atomic_write`), every tensor on the CPU.
+
+    Tensors are saved on the CPU so that a checkpoint written on a GPU loads anywhere, with or without
+    ``map_location`` (AdamW's state is moved back to the parameters' device by ``load_state_dict``). On failure
+    (e.g. no space left) any previous ``path`` is untouched and the error says which file could not be written.
     """
+    obj = to_cpu(obj)
     try:
         atomic_write(path, lambda f: torch.save(obj, f))
     except Exception as e:
