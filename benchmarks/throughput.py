@@ -243,10 +243,17 @@ def random_tokens(n: int, length: int, vocab: int, generator: torch.Generator) -
     return tokens
 
 
+MAX_DISTINCT_VIDEOS = 64
+
+
 def write_frame_folders(root: str, videos: int, frames: int, width: int, height: int) -> str:
-    """Frame folders of JPEGs (the generator of benchmarks/data_loading.py) and their list file."""
+    """Frame folders of JPEGs (the generator of benchmarks/data_loading.py) and a list file of ``videos`` lines.
+
+    At most MAX_DISTINCT_VIDEOS folders are written; a longer list names them again in turn (the decoding work
+    per clip is the same, and writing thousands of folders would take longer than the measurement).
+    """
     lines = []
-    for v in tqdm(range(videos), desc="writing frame folders", unit="video", leave=False):
+    for v in tqdm(range(min(videos, MAX_DISTINCT_VIDEOS)), desc="writing frame folders", unit="video", leave=False):
         rng = np.random.default_rng(v)
         folder = os.path.join(root, f"video_{v:03d}")
         os.makedirs(folder, exist_ok=True)
@@ -254,6 +261,7 @@ def write_frame_folders(root: str, videos: int, frames: int, width: int, height:
             Image.fromarray(synthetic_frame(v, k, width, height, rng)).save(
                 os.path.join(folder, f"img_{k + 1:05d}.jpg"), quality=90)
         lines.append(f"video_{v:03d} {frames} {v % 10}")
+    lines = [lines[i % len(lines)] for i in range(videos)]
     path = os.path.join(root, "list.txt")
     with open(path, "w") as f:
         f.write("\n".join(lines) + "\n")
@@ -536,7 +544,8 @@ def parse_args(argv=None):
     parser.add_argument("--workers", type=int, default=None,
                         help="DataLoader workers for the loader contender (default: the CPUs available)")
     parser.add_argument("--loader-videos", type=int, default=None,
-                        help="videos in the generated set, one pass per repetition (default 4 x train batch)")
+                        help="videos in the loader's list, one pass per repetition (default: train batch x "
+                             "max(4, 2 x workers), so that every worker loads at least two batches a pass)")
     parser.add_argument("--source-frames", type=int, default=64, help="frames per generated video (default 64)")
     parser.add_argument("--frame-width", type=int, default=None, help="generated frame width (default 320, tiny 64)")
     parser.add_argument("--frame-height", type=int, default=None,
@@ -556,7 +565,8 @@ def parse_args(argv=None):
     tiny = args.size == "tiny"
     args.frame_width = args.frame_width or (64 if tiny else 320)
     args.frame_height = args.frame_height or (48 if tiny else 240)
-    args.loader_videos = args.loader_videos or 4 * args.train_batch
+    workers = args.workers if args.workers is not None else available_cpus()
+    args.loader_videos = args.loader_videos or max(4, 2 * workers) * args.train_batch
     if args.loader_videos < args.train_batch:
         parser.error(f"--loader-videos ({args.loader_videos}) must hold at least one batch ({args.train_batch})")
     return args

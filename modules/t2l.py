@@ -143,23 +143,36 @@ class T2L(nn.Module):
         return report
 
     # ------------------------------------------------------------------ vision
-    def _vision_block(self, index: int, x: torch.Tensor, batch: int) -> torch.Tensor:
-        """One vision block. x: (B*T, N, D) -> (B*T, N, D)."""
+    def _vision_block(self, index: int, x: torch.Tensor, batch: int, padded: bool = False) -> torch.Tensor:
+        """One vision block. x: (B*T, N, D) -> (B*T, N, D).
+
+        ``padded``: x carries one extra slot at the end, (B*T, N+1, D), that holds the frame's temporal summary
+        during attention (a scratch slot: its value after the block is never read). The summary is written into
+        it in place, which saves the copy of the whole sequence that appending it would cost in every block;
+        the N real tokens get exactly the values of the unpadded path.
+        """
         block = self.clip.visual.transformer.resblocks[index]
         rate = self.vision_drop_rates[index]
-        BT, N, D = x.shape
+        BT, L, D = x.shape
         T = BT // batch
+        N = L - 1 if padded else L
         tokens = self.temporal_tokens
         if tokens is not None and index < tokens.shape[0]:
             prompt = F.dropout(tokens[index], self.options.prompt_dropout, self.training).to(x.dtype)
             # Per frame: its temporal token plus the mean of its N tokens. (B*T, N, D) -> (B, T, D)
-            s = x.view(batch, T, N, D).mean(dim=2) + prompt
+            s = x.view(batch, T, L, D)[:, :, :N].mean(dim=2) + prompt
             # The T frame summaries of each video attend to each other through the block's frozen attention.
-            u = drop_path(block.attn(block.ln_1(s)), rate, self.training)
+            u = drop_path(block.attn(block.ln_1(s)), rate, self.training).reshape(BT, 1, D)
             # Frame t sees its summary u[b, t] as an extra token; its output is dropped afterwards.
-            xu = torch.cat([x, u.reshape(BT, 1, D)], dim=1)  # (B*T, N+1, D)
-            x = x + drop_path(block.attn(block.ln_1(xu))[:, :N], rate, self.training)
+            if padded:
+                x[:, N:] = u.to(x.dtype)
+                x = x + drop_path(block.attn(block.ln_1(x)), rate, self.training)
+            else:
+                xu = torch.cat([x, u.to(x.dtype)], dim=1)  # (B*T, N+1, D)
+                x = x + drop_path(block.attn(block.ln_1(xu))[:, :N], rate, self.training)
         else:
+            if padded:
+                raise ValueError("the padded layout needs a temporal token in every block")
             x = x + drop_path(block.attn(block.ln_1(x)), rate, self.training)
         if self.vision_adapters is not None:
             x = x + self.vision_adapters[index](x)
@@ -176,17 +189,25 @@ class T2L(nn.Module):
                 f"{self._shape(self.temporal_tokens)}, temporal_embedding {tuple(self.temporal_embedding.shape)}; "
                 f"sample {self.num_frames} frames per clip (data.num_frames) or build the model for {T}")
         visual = self.clip.visual
+        blocks = len(visual.transformer.resblocks)
         x = visual.embed(videos.flatten(0, 1))  # (B*T, 3, H, W) -> (B*T, N, D)
         N, D = x.shape[1:]
         # The temporal embedding is added to every token of frame t. (B*T, N, D) -> (B, T, N, D)
         x = x.view(B, T, N, D) + self.temporal_embedding.to(x.dtype)[:, :, None, :]
         x = visual.ln_pre(x.view(B * T, N, D))
-        for i in range(len(visual.transformer.resblocks)):
-            if self.options.activation_checkpointing and self.training and torch.is_grad_enabled():
+        ckpt = self.options.activation_checkpointing and self.training and torch.is_grad_enabled()
+        # With a temporal token in every block (the published model) the sequence carries the summary's slot
+        # from the start: one copy here instead of one per block. Not under activation checkpointing, whose
+        # recomputation needs each block's input unchanged (the in-place write would change it).
+        padded = self.temporal_tokens is not None and self.temporal_tokens.shape[0] >= blocks and not ckpt
+        if padded:
+            x = torch.cat([x, x.new_zeros(B * T, 1, D)], dim=1)
+        for i in range(blocks):
+            if ckpt:
                 x = checkpoint(self._vision_block, i, x, B, use_reentrant=False)
             else:
-                x = self._vision_block(i, x, B)
-        frame_emb = visual.head(x).view(B, T, -1)  # (B*T, E) -> (B, T, E)
+                x = self._vision_block(i, x, B, padded)
+        frame_emb = visual.head(x).view(B, T, -1)  # (B*T, E) -> (B, T, E); the head reads the class token only
         return frame_emb.mean(dim=1), frame_emb
 
     # ------------------------------------------------------------------ text

@@ -153,6 +153,25 @@ def test_activation_checkpointing_gives_the_same_gradients():
         assert torch.allclose(grads[0][n], grads[1][n], atol=1e-6), n
 
 
+def test_padded_sequence_layout_gives_the_appending_path_exactly():
+    """The published model keeps the summary's slot in the sequence (written in place per block); the N real
+    tokens must get exactly what appending the summary and dropping it after attention gives."""
+    torch.manual_seed(0)
+    model = randomise_t2l(build_t2l(tiny_clip(), num_frames=8)).eval()
+    x_in = videos()
+    with torch.no_grad():
+        _, frames = model.encode_video(x_in)
+        visual = model.clip.visual
+        B, T = x_in.shape[:2]
+        x = visual.embed(x_in.flatten(0, 1))
+        N, D = x.shape[1:]
+        x = visual.ln_pre((x.view(B, T, N, D) + model.temporal_embedding[:, :, None]).view(B * T, N, D))
+        for i in range(len(visual.transformer.resblocks)):
+            x = model._vision_block(i, x, B, padded=False)
+        reference = visual.head(x).view(B, T, -1)
+    assert torch.equal(frames, reference)
+
+
 def test_tfd_loss_by_hand():
     f = torch.tensor([[[0.0, 1.0], [2.0, 1.0], [4.0, 4.0]]])  # (B=1, T=3, E=2)
     # central differences with replicated ends: t0: f1-f0, t1: f2-f0, t2: f2-f1; |.|/2 then mean
