@@ -36,11 +36,20 @@ def make_model():
     return model
 
 
+def make_optimizer(model):
+    """Plain SGD: the update is linear in the gradient, so equal gradients give equal parameters to rounding.
+
+    (AdamW's first step is about lr * sign(g): a gradient element of 1e-7 that rounding makes +1e-7 in one
+    computation and -1e-7 in the other moves the parameter by 2 * lr apart, which says nothing about DDP.)
+    """
+    return torch.optim.SGD([p for _, p in model.trainable_parameters()], lr=0.1)
+
+
 def main(out: str) -> None:
     info = distributed.setup("cpu")
     model = make_model()
     ddp = DistributedDataParallel(model)
-    opt = torch.optim.AdamW([p for _, p in model.trainable_parameters()], lr=1e-2)
+    opt = make_optimizer(model)
     criterion = T2LLoss()
     record = {"loss": [], "params": []}
     for step in range(2):

@@ -122,7 +122,8 @@ def test_torchrun_two_processes_match_a_single_process(tmp_path):
     from modules import T2LLoss
 
     model = ddp_worker.make_model()
-    opt = torch.optim.AdamW([p for _, p in model.trainable_parameters()], lr=1e-2)
+    start = {k: p.detach().clone() for k, p in model.trainable_parameters()}
+    opt = ddp_worker.make_optimizer(model)
     for step in range(2):
         videos, labels, tokens = ddp_worker.global_batch(step)
         v, f, t = model(videos, tokens)
@@ -133,6 +134,8 @@ def test_torchrun_two_processes_match_a_single_process(tmp_path):
         opt.step()
         for k, p in model.trainable_parameters():
             assert torch.allclose(p, r0["params"][step][k], atol=1e-5), (step, k)
+    moved = max((p - start[k]).abs().max().item() for k, p in model.trainable_parameters())
+    assert moved > 1e-3  # the steps changed the parameters, so the comparison above means something
 
 
 def test_torchrun_train_py_smoke(demo, tmp_path):
