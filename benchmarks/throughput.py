@@ -565,8 +565,9 @@ def parse_args(argv=None):
     tiny = args.size == "tiny"
     args.frame_width = args.frame_width or (64 if tiny else 320)
     args.frame_height = args.frame_height or (48 if tiny else 240)
-    workers = args.workers if args.workers is not None else available_cpus()
-    args.loader_videos = args.loader_videos or max(4, 2 * workers) * args.train_batch
+    if args.workers is None:
+        args.workers = available_cpus()
+    args.loader_videos = args.loader_videos or max(4, 2 * args.workers) * args.train_batch
     if args.loader_videos < args.train_batch:
         parser.error(f"--loader-videos ({args.loader_videos}) must hold at least one batch ({args.train_batch})")
     return args
@@ -582,8 +583,6 @@ def main(argv=None) -> dict:
         raise SystemExit("--device cuda was asked for but torch sees no CUDA device")
     if args.threads:
         torch.set_num_threads(args.threads)
-    if args.workers is None:
-        args.workers = available_cpus()
     torch.manual_seed(args.seed)
     meter = MemoryMeter(device)
     env = environment(device, torch.get_num_threads(), meter)

@@ -15,14 +15,13 @@ import torch.nn.functional as F
 from PIL import Image
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from benchmarks.throughput import SIZES
 from modules import T2LLoss, build_t2l, random_clip
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 ROOT = Path(__file__).resolve().parents[1]
-VIT_B16 = dict(embed_dim=512, image_resolution=224, vision_layers=12, vision_width=768, vision_patch_size=16,
-               context_length=77, vocab_size=49408, transformer_width=512, transformer_heads=8,
-               transformer_layers=12, vision_heads=12)
+VIT_B16 = SIZES["ViT-B/16"]  # the OpenAI ViT-B/16 sizes, as the benchmark builds them
 
 
 def cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
