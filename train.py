@@ -68,15 +68,26 @@ def check_training_checkpoint(ckpt, path) -> None:
 
 
 def param_groups(model, cfg):
-    """AdamW groups: weight decay on matrices; none on biases and temporal tokens when no_decay_for_1d."""
-    decay, no_decay = [], []
+    """AdamW groups: weight decay on matrices; none on biases and temporal tokens when no_decay_for_1d.
+
+    With ``solver.temporal_token_lr_scale`` other than 1 the temporal tokens get a third group of their own, whose
+    learning rate is ``solver.lr`` times that scale (the schedule scales every group alike).
+    """
+    scale = cfg.solver.temporal_token_lr_scale
+    decay, no_decay, tokens = [], [], []
     for name, p in model.trainable_parameters():
-        if cfg.solver.no_decay_for_1d and (p.ndim < 2 or name in ("temporal_tokens", "temporal_embedding")):
+        if name == "temporal_tokens" and scale != 1.0:
+            tokens.append(p)
+        elif cfg.solver.no_decay_for_1d and (p.ndim < 2 or name in ("temporal_tokens", "temporal_embedding")):
             no_decay.append(p)
         else:
             decay.append(p)
-    return [{"params": decay, "weight_decay": cfg.solver.weight_decay},
-            {"params": no_decay, "weight_decay": 0.0}]
+    groups = [{"params": decay, "weight_decay": cfg.solver.weight_decay},
+              {"params": no_decay, "weight_decay": 0.0}]
+    if tokens:
+        groups.append({"params": tokens, "lr": cfg.solver.lr * scale,
+                       "weight_decay": 0.0 if cfg.solver.no_decay_for_1d else cfg.solver.weight_decay})
+    return groups
 
 
 def main(argv=None) -> dict:
@@ -132,7 +143,9 @@ def train(cfg, args, dist_info, out: Path) -> dict:
     amp_dtype = engine.resolve_precision(device, cfg.solver.precision)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     criterion = T2LLoss(tfd_weight=cfg.loss.tfd_weight)
-    logger.info("precision %s; optimiser AdamW lr %g, weight decay %g; %d epochs", amp_dtype, cfg.solver.lr,
+    logger.info("precision %s; optimiser AdamW lr %g%s, weight decay %g; %d epochs", amp_dtype, cfg.solver.lr,
+                "" if cfg.solver.temporal_token_lr_scale == 1.0 else
+                f" (temporal tokens {cfg.solver.lr * cfg.solver.temporal_token_lr_scale:g})",
                 cfg.solver.weight_decay, cfg.solver.epochs)
 
     # ---- resume

@@ -60,11 +60,11 @@ CLASSES: Tuple[Tuple[str, str, str], ...] = (
      "A single shape stays in place and shrinks steadily. "
      "It starts large and ends several times smaller."),
     ("rotating clockwise", "rotating_clockwise",
-     "An elongated shape stays in place and turns clockwise, like the hands of a clock. "
-     "Its position and size do not change, only its orientation."),
+     "An elongated shape turns clockwise about one of its ends, like the hand of a clock. "
+     "Its free end sweeps from the top of the frame round to the right side and downwards."),
     ("rotating anticlockwise", "rotating_anticlockwise",
-     "An elongated shape stays in place and turns anticlockwise, against the direction of a clock's hands. "
-     "Its position and size do not change, only its orientation."),
+     "An elongated shape turns anticlockwise about one of its ends, against the direction of a clock's hand. "
+     "Its free end sweeps up from the lower right side of the frame towards the top."),
 )
 REVERSE_OF = {0: 1, 1: 0, 2: 3, 3: 2, 4: 5, 5: 4, 6: 7, 7: 6}
 SHAPES_ANY = ("circle", "square", "triangle", "diamond", "bar", "ellipse")
@@ -146,12 +146,16 @@ def sample_params(label: int, rng: np.random.Generator, size: int = 64, frames: 
         cy = np.full(T, S / 2 + rng.uniform(-0.08, 0.08) * S)
         angle = np.full(T, angle0)
     else:
+        # A clock hand: an elongated shape turning about its inner end (the pivot, near the centre), so that its
+        # centre travels on an arc. The clockwise sweep starts within 60 degrees of twelve o'clock and turns
+        # 100-200 degrees; the anticlockwise class is the same sweep run backwards.
         shape = str(rng.choice(SHAPES_ELONGATED))
-        r = np.full(T, rng.uniform(0.24, 0.32) * S)
-        turn = math.radians(rng.uniform(100, 200))  # total rotation; < 90 degrees per sampled frame step
-        cx = np.full(T, S / 2 + rng.uniform(-0.06, 0.06) * S)
-        cy = np.full(T, S / 2 + rng.uniform(-0.06, 0.06) * S)
-        angle = angle0 + turn * prog
+        r = np.full(T, rng.uniform(0.14, 0.2) * S)
+        turn = math.radians(rng.uniform(100, 200))  # < 90 degrees per sampled frame step
+        angle = -math.pi / 2 + math.radians(rng.uniform(-60, 60)) + turn * prog  # -pi/2: pointing up
+        px = S / 2 + rng.uniform(-0.06, 0.06) * S
+        py = S / 2 + rng.uniform(-0.06, 0.06) * S
+        cx, cy = px + r * np.cos(angle), py + r * np.sin(angle)
     return ClipParams(label, size, frames, shape, color, bg_kind, bg_colors, bg_seed,
                       np.asarray(cx, float), np.asarray(cy, float), np.asarray(r, float), np.asarray(angle, float))
 
@@ -284,7 +288,7 @@ def _make_one(task) -> str:
     return rel
 
 
-def generate(out, train_per_class: int = 24, val_per_class: int = 32, seed: int = 0, size: int = 64,
+def generate(out, train_per_class: int = 64, val_per_class: int = 32, seed: int = 0, size: int = 64,
              frames: int = 16, progress: bool = True, workers: int = 1) -> Dict[str, List[Tuple[str, int]]]:
     """Write the videos and the class/description CSVs; returns ``{split: [(video rel path, label)]}``.
 
@@ -348,7 +352,7 @@ def extract_and_list(out, workers: int = 2, progress: bool = True) -> Dict[str, 
 
 EPILOG = """\
 examples:
-  # the demo set: 8 classes x (24 train + 32 val) videos, 64x64, 16 frames, extracted and listed
+  # the demo set: 8 classes x (64 train + 32 val) videos, 64x64, 16 frames, extracted and listed
   python Dataset_creation_scripts/make_synthetic_demo.py demo_data
 
   # bigger and sharper, another seed, videos only
@@ -368,7 +372,7 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("out", metavar="OUT", help="output folder")
-    p.add_argument("--train-per-class", type=int, default=24, help="training videos per class (default 24)")
+    p.add_argument("--train-per-class", type=int, default=64, help="training videos per class (default 64)")
     p.add_argument("--val-per-class", type=int, default=32,
                    help="validation videos per class (default 32: 64 per reversed pair, so a pair's accuracy has a "
                         "standard error of about 6 points)")

@@ -12,6 +12,13 @@ TINY_CLIP = dict(embed_dim=32, image_resolution=32, vision_layers=2, vision_widt
                  transformer_layers=2, vision_heads=1)
 
 
+def random_clip_opts(sizes: dict) -> list[str]:
+    """--opts that make a demo config's random CLIP exactly ``sizes`` (the demo's own init options unset)."""
+    import json
+
+    return [f"network.random_clip={json.dumps(sizes)}", "network.random_clip.vision_positional_std=null"]
+
+
 @pytest.fixture
 def tiny_clip_config() -> CLIPConfig:
     """Sizes of the tiny CLIP (heads = width // 64, so they can be read back off the weights)."""

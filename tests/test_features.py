@@ -21,6 +21,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "Dataset_creation_scripts"))
 
 import engine  # noqa: E402
+from conftest import random_clip_opts  # noqa: E402
 from datasets import SampleLoadError, VideoDataset  # noqa: E402
 import extract_features  # noqa: E402
 import features  # noqa: E402
@@ -143,14 +144,14 @@ def test_export_equals_api_and_nearest_class_equals_test_py(demo, ckpt, encoder,
     sets = [{"name": "val", "lists": [str(demo / "val.txt")], "root": str(demo / "frames"),
              "classes": str(demo / "classes.csv"), "descriptions": str(demo / "descriptions.csv")}]
     results = test_py.main(["--config", str(REPO / "configs/demo/demo_test.yaml"), "--weights", str(ckpt), "--opts",
-                            f"output_dir={tmp_path / 'test_out'}", f"network.random_clip={json.dumps(TINY)}",
+                            f"output_dir={tmp_path / 'test_out'}", *random_clip_opts(TINY),
                             "network.random_seed=0", "data.input_size=32", "data.num_workers=0",
                             "eval.batch_size=8", f"eval.sets={json.dumps(sets)}"])
     top1 = results["results"]["val"]["top1"]
     assert top1 == pytest.approx(100.0 * float((nearest == labels).mean()), abs=1e-9)
     # Per video, not only the accuracy: the same predictions as test.py's scorer.
     model = engine.load_eval_model(load_config(str(REPO / "configs/demo/demo_test.yaml"), [
-        f"network.random_clip={json.dumps(TINY)}", "data.input_size=32"]), str(ckpt))
+        *random_clip_opts(TINY), "data.input_size=32"]), str(ckpt))
     names, tokens = engine.class_tokens(str(demo / "classes.csv"), str(demo / "descriptions.csv"), "descriptions")
     ds = VideoDataset(str(demo / "val.txt"), root=str(demo / "frames"), num_frames=8, mode="test",
                              input_size=32, on_error="raise")

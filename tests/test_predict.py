@@ -14,6 +14,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "Dataset_creation_scripts"))
 
 import engine  # noqa: E402
+from conftest import random_clip_opts  # noqa: E402
 import predict  # noqa: E402
 from datasets import VideoDataset  # noqa: E402
 from modules import build_t2l, make_checkpoint, random_clip  # noqa: E402
@@ -66,7 +67,7 @@ def reference(ckpt):
     from utils.config import load_config
 
     cfg = load_config(str(REPO / "configs/demo/demo_test.yaml"),
-                      [f"network.random_clip={json.dumps(TINY)}", "network.random_seed=0", "data.input_size=32"])
+                      [*random_clip_opts(TINY), "network.random_seed=0", "data.input_size=32"])
     return engine.load_eval_model(cfg, str(ckpt))
 
 

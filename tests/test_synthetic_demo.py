@@ -72,6 +72,22 @@ def test_encoded_videos_show_their_class_motion(tmp_path, label):
         assert expected_ok(demo.REVERSE_OF[label], motion_signature(frames[::-1], demo.render_background(p), size), size)
 
 
+@pytest.mark.parametrize("label", [6, 7])
+def test_rotations_are_clock_hands_sweeping_from_twelve(label):
+    # The hand turns about its inner end, so its centroid circles the frame centre; the clockwise sweep starts
+    # near twelve o'clock (the anticlockwise one ends there), which is what the class descriptions say.
+    size = 64
+    for i in range(4):
+        p = demo.sample_params(label, np.random.default_rng([5, label, i]), size=size, frames=16)
+        cx, cy, _, _ = object_stats(demo.render(p), demo.render_background(p))
+        around = np.unwrap(np.arctan2(cy - size / 2, cx - size / 2))  # screen angle about the centre; grows clockwise
+        twelve = around[0] if label == 6 else around[-1]
+        assert abs(math.remainder(twelve + math.pi / 2, 2 * math.pi)) < math.radians(80), (i, math.degrees(twelve))
+        turn = around[-1] - around[0]
+        assert (turn > math.radians(60)) if label == 6 else (turn < -math.radians(60)), (i, math.degrees(turn))
+        assert np.hypot(cx - size / 2, cy - size / 2).min() > 0.08 * size  # off centre all the way round
+
+
 @pytest.mark.parametrize("label", [0, 2, 4, 6])
 def test_pairs_are_exact_time_reversals(label):
     # Same random draws -> the paired class renders the same clip with time reversed, so a single

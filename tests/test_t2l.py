@@ -287,3 +287,38 @@ def test_converter_command_writes_the_published_layout(tmp_path):
     x = videos()
     with torch.no_grad():
         assert torch.equal(again.encode_video(x)[0], model.encode_video(x)[0])
+
+
+def test_random_clip_positional_std_rescales_the_positional_embedding_only():
+    from modules.checkpoint import build_backbone
+
+    plain = random_clip(TINY, 3)
+    wide = random_clip({**TINY, "vision_positional_std": 0.5}, 3)
+    a, b = plain.state_dict(), wide.state_dict()
+    assert a.keys() == b.keys()
+    for k in a:
+        if k == "visual.positional_embedding":
+            # the same draw at std 0.5 instead of OpenAI's width ** -0.5
+            torch.testing.assert_close(b[k], a[k] * 0.5 * TINY["vision_width"] ** 0.5)
+            assert 0.4 < b[k].std().item() < 0.6
+        else:
+            assert torch.equal(a[k], b[k]), k
+    # A checkpoint names the option with the backbone, so test.py and predict.py rebuild the same frozen CLIP.
+    model = build_t2l(wide, num_frames=8)
+    rebuilt = build_backbone(make_checkpoint(model)["backbone"])
+    assert torch.equal(rebuilt.visual.positional_embedding, wide.visual.positional_embedding)
+    for bad in (0, -1.0, "big"):
+        with pytest.raises(ValueError, match="vision_positional_std must be a positive number"):
+            random_clip({**TINY, "vision_positional_std": bad}, 3)
+
+
+def test_a_checkpoint_refuses_a_different_random_backbone(tmp_path):
+    # Evaluating with a config whose random CLIP differs from the training one would silently give other numbers.
+    path = tmp_path / "t2l.pt"
+    atomic_save(make_checkpoint(build_t2l(random_clip(TINY, 0), num_frames=8)), path)
+    assert load_t2l(path, clip_model=random_clip(TINY, 0)).num_frames == 8
+    for other, differing in ((random_clip(TINY, 1), "seed"),
+                             (random_clip({**TINY, "vision_positional_std": 0.9}, 0), "vision_positional_std"),
+                             (random_clip({**TINY, "embed_dim": 48}, 0), "embed_dim")):
+        with pytest.raises(CheckpointError, match=rf"t2l.pt was trained on a random CLIP .*differing: {differing}"):
+            load_t2l(path, clip_model=other)

@@ -10,9 +10,11 @@ from pathlib import Path
 import pytest
 import torch
 
+import engine
 import test as test_script
 import train as train_script
 from utils.config import ConfigError
+from utils.schedule import WarmupCosine
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -181,3 +183,27 @@ def test_checkpoint_for_other_frame_count_is_refused(run_two_epochs, demo, tmp_p
     with pytest.raises(ValueError, match=r"trained with 8 frames but data.num_frames is 4"):
         test_script.main(["--config", "configs/demo/demo_test.yaml", "--weights", str(out / "last.pt"),
                           "--opts", *TINY_OPTS, *data_opts(demo, tmp_path), "data.num_frames=4"])
+
+
+def test_temporal_token_lr_scale_gives_the_tokens_their_own_group():
+    from utils.config import load_config
+
+    for scale, n_groups in ((1.0, 2), (10.0, 3)):
+        cfg = load_config("configs/demo/demo_train.yaml", TINY_OPTS + [f"solver.temporal_token_lr_scale={scale}"])
+        model = engine.build_model(cfg)
+        groups = train_script.param_groups(model, cfg)
+        assert len(groups) == n_groups
+        trainable = dict(model.trainable_parameters())
+        grouped = [id(p) for g in groups for p in g["params"]]
+        assert sorted(grouped) == sorted(id(p) for p in trainable.values())  # each parameter exactly once
+        if n_groups == 3:
+            assert groups[2]["params"] == [trainable["temporal_tokens"]]
+            assert groups[2]["lr"] == pytest.approx(cfg.solver.lr * 10) and groups[2]["weight_decay"] == 0.0
+            # the schedule scales this group like the others: its lr stays 10x theirs at every step
+            opt = torch.optim.AdamW(groups, lr=cfg.solver.lr)
+            sched = WarmupCosine(opt, total_steps=20, warmup_steps=5)
+            for _ in range(7):
+                sched.step()
+            assert opt.param_groups[2]["lr"] == pytest.approx(10 * opt.param_groups[0]["lr"]) and opt.param_groups[0]["lr"] > 0
+    with pytest.raises(ConfigError, match="temporal_token_lr_scale must be positive"):
+        load_config("configs/demo/demo_train.yaml", ["solver.temporal_token_lr_scale=0"])

@@ -97,6 +97,7 @@ class SolverSection:
     betas: list = field(default_factory=lambda: [0.9, 0.98])
     eps: float = 1.0e-8
     no_decay_for_1d: bool = True       # no weight decay on biases and the temporal tokens
+    temporal_token_lr_scale: float = 1.0  # the temporal tokens' lr = lr * this (published: 1; the demo's short run: 10)
     grad_clip: float = 0.0             # max grad norm; 0 = off
     grad_accum: int = 1
     precision: str = "auto"            # auto (bf16 where supported, else fp16 on GPU; fp32 on CPU) | fp32 | bf16 | fp16
@@ -296,6 +297,9 @@ def _validate(cfg: Config, source: str) -> None:
     for key, value in positive.items():
         if value < 1:
             raise ConfigError(f"{source}: {key} must be at least 1, got {value}")
+    if not cfg.solver.temporal_token_lr_scale > 0:
+        raise ConfigError(f"{source}: solver.temporal_token_lr_scale must be positive, got "
+                          f"{cfg.solver.temporal_token_lr_scale}")
     if cfg.eval.num_crops not in (1, 3):
         raise ConfigError(f"{source}: eval.num_crops must be 1 or 3, got {cfg.eval.num_crops}")
     if cfg.data.num_workers < 0:
