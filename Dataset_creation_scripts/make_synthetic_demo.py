@@ -101,8 +101,9 @@ def _pick_colors(rng: np.random.Generator):
 
     Bright objects on dark backgrounds, rather than contrast of either sign: with the demo's frozen, randomly
     initialised CLIP the object's features then differ from the background's the same way in every video, which
-    T2L can learn from with the demo's few hundred videos. Measured with the demo's model: 34-45% validation
-    top-1 with this rule, 9-16% with contrast of either sign (README, "Demo results").
+    T2L can learn from with the demo's few hundred videos. Measured with an earlier demo model (OpenAI's positional
+    initialisation, 24 training videos per class): 34-45% validation top-1 with this rule, 9-16% with contrast of
+    either sign.
     """
     for _ in range(1000):
         base = rng.integers(0, 90, 3)
