@@ -160,6 +160,12 @@ def train(cfg, args, dist_info, out: Path) -> dict:
         from modules.checkpoint import load_t2l_tensors
 
         load_t2l_tensors(model, ckpt["model"], source=str(resume))
+        saved_groups = len(ckpt["optimizer"].get("param_groups", []))
+        if saved_groups != len(optimizer.param_groups):
+            raise ValueError(f"{resume} holds an optimiser with {saved_groups} parameter groups, this config makes "
+                             f"{len(optimizer.param_groups)}: solver.temporal_token_lr_scale differs from the run's "
+                             f"(1 gives 2 groups, any other value 3). Resume with the run's config, or start over "
+                             f"with --no-resume")
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
         scaler.load_state_dict(ckpt["scaler"])

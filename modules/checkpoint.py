@@ -266,7 +266,8 @@ def random_clip(config: dict, seed: int = 0) -> torch.nn.Module:
     config = {k: v for k, v in config.items() if not (k == "vision_positional_std" and v is None)}  # None: unset
     sizes = {k: v for k, v in config.items() if k != "vision_positional_std"}
     positional_std = config.get("vision_positional_std")
-    if positional_std is not None and not (isinstance(positional_std, (int, float)) and positional_std > 0):
+    if positional_std is not None and (isinstance(positional_std, bool) or not isinstance(positional_std, (int, float))
+                                       or not positional_std > 0):
         raise ValueError(f"vision_positional_std must be a positive number, got {positional_std!r}")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)

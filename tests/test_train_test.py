@@ -207,3 +207,12 @@ def test_temporal_token_lr_scale_gives_the_tokens_their_own_group():
             assert opt.param_groups[2]["lr"] == pytest.approx(10 * opt.param_groups[0]["lr"]) and opt.param_groups[0]["lr"] > 0
     with pytest.raises(ConfigError, match="temporal_token_lr_scale must be positive"):
         load_config("configs/demo/demo_train.yaml", ["solver.temporal_token_lr_scale=0"])
+
+
+def test_resume_with_another_token_lr_scale_is_refused(run_two_epochs, demo, tmp_path):
+    import shutil
+
+    reference, _ = run_two_epochs  # trained with the demo's temporal_token_lr_scale 10: three optimiser groups
+    shutil.copy(reference / "last.pt", tmp_path / "last.pt")
+    with pytest.raises(ValueError, match=r"last.pt holds an optimiser with 3 parameter groups, this config makes 2"):
+        train_script.main(train_args(demo, tmp_path, "solver.temporal_token_lr_scale=1"))
