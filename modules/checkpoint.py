@@ -221,11 +221,7 @@ def build_backbone(backbone: dict, source: str = "checkpoint") -> torch.nn.Modul
             raise CheckpointError(f"{source}: a random-initialised backbone needs its config in the checkpoint")
         return random_clip(cfg, int(backbone.get("seed", 0)))
     model = clip.load(name)
-    expected = backbone.get("sha256")
-    found = (getattr(model, "source_identity", None) or {}).get("sha256")
-    if expected and found and expected != found:
-        raise CheckpointError(f"{source} was trained on CLIP {name} with SHA-256 {expected}, but the file found "
-                              f"now has SHA-256 {found}: the frozen weights differ, so the results would too")
+    check_backbone(backbone, model, source)
     return model
 
 
@@ -249,8 +245,8 @@ def check_backbone(recorded: dict, clip_model: torch.nn.Module, source: str = "c
                 f"checkpoint's")
     elif recorded.get("sha256") and given.get("sha256") and recorded["sha256"] != given["sha256"]:
         raise CheckpointError(f"{source} was trained on CLIP {recorded.get('name_or_path')} with SHA-256 "
-                              f"{recorded['sha256']}, but the CLIP given has SHA-256 {given['sha256']}: the frozen "
-                              f"weights differ, so the results would too")
+                              f"{recorded['sha256']}, but the CLIP {given.get('name_or_path')} has SHA-256 "
+                              f"{given['sha256']}: the frozen weights differ, so the results would too")
 
 
 def random_clip(config: dict, seed: int = 0) -> torch.nn.Module:

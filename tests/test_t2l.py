@@ -322,3 +322,20 @@ def test_a_checkpoint_refuses_a_different_random_backbone(tmp_path):
                              (random_clip({**TINY, "embed_dim": 48}, 0), "embed_dim")):
         with pytest.raises(CheckpointError, match=rf"t2l.pt was trained on a random CLIP .*differing: {differing}"):
             load_t2l(path, clip_model=other)
+
+
+def test_a_checkpoint_refuses_a_clip_file_with_another_sha256(tmp_path, tiny_clip_file):
+    # The same check whether test.py builds the backbone from the checkpoint or is handed one.
+    import clip
+
+    backbone = clip.load(str(tiny_clip_file))
+    path = tmp_path / "t2l.pt"
+    atomic_save(make_checkpoint(build_t2l(backbone, num_frames=8),
+                                backbone={"name_or_path": str(tiny_clip_file), "sha256": "0" * 64}), path)
+    for given in (None, backbone):
+        with pytest.raises(CheckpointError, match=r"t2l.pt was trained on CLIP .*tiny_clip.pt with SHA-256 0{64}, "
+                                                  r"but the CLIP .*tiny_clip.pt has SHA-256 [0-9a-f]{64}"):
+            load_t2l(path, clip_model=given)
+    atomic_save(make_checkpoint(build_t2l(backbone, num_frames=8)), path)  # the true identity loads both ways
+    for given in (None, backbone):
+        assert load_t2l(path, clip_model=given).num_frames == 8
