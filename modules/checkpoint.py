@@ -259,11 +259,9 @@ def random_clip(config: dict, seed: int = 0) -> torch.nn.Module:
     """
     from clip.model import CLIP, CLIPConfig
 
-    config = {k: v for k, v in config.items() if not (k == "vision_positional_std" and v is None)}  # None: unset
-    sizes = {k: v for k, v in config.items() if k != "vision_positional_std"}
-    positional_std = config.get("vision_positional_std")
-    if positional_std is not None and (isinstance(positional_std, bool) or not isinstance(positional_std, (int, float))
-                                       or not positional_std > 0):
+    sizes = dict(config)
+    positional_std = sizes.pop("vision_positional_std", None)  # None: OpenAI's scale, and not recorded
+    if positional_std is not None and (type(positional_std) not in (int, float) or positional_std <= 0):
         raise ValueError(f"vision_positional_std must be a positive number, got {positional_std!r}")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -272,7 +270,8 @@ def random_clip(config: dict, seed: int = 0) -> torch.nn.Module:
         visual = model.visual
         with torch.no_grad():  # the same draw, rescaled from OpenAI's width ** -0.5 to the requested std
             visual.positional_embedding.mul_(positional_std * visual.width ** 0.5)
-    model.source_identity = {"name_or_path": "random", "seed": seed, "config": dict(config)}
+        sizes["vision_positional_std"] = positional_std
+    model.source_identity = {"name_or_path": "random", "seed": seed, "config": sizes}
     return model
 
 
