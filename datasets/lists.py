@@ -8,8 +8,15 @@ A list file names one video per line, space separated::
 (``<path> <label id>``), and a line with the path alone has no label (``label=None``, e.g. for
 unlabelled prediction lists). A label of -1 also means "unknown". Paths may contain spaces in the
 three-field form because the last two fields are taken from the right. Blank lines are ignored.
-There are no comment lines: HMDB-51 has videos named ``#437_How_To_Ride_A_Bike...``, so a line that
-starts with ``#`` is a video like any other.
+A path with spaces in the two-field form (``air drumming/x.mp4 3``, as many tools write Kinetics
+lists) is read as such when that file or folder exists; otherwise the line is an error that names
+both readings. There are no comment lines: HMDB-51 has videos named ``#437_How_To_Ride_A_Bike...``,
+so a line that starts with ``#`` is a video like any other.
+
+The manifest that ``Dataset_creation_scripts/extract_frames.py`` writes (``<frames folder>
+<num_frames>`` per line) looks like a two-field list, where its frame counts would become labels:
+it is refused, recognised by its first line (:data:`MANIFEST_HEADER`) or, for manifests written
+before that line existed, by its file name.
 """
 
 from __future__ import annotations
@@ -18,11 +25,16 @@ import csv
 import logging
 import os
 from dataclasses import dataclass
-from typing import List, Optional
+from typing import Callable, List, Optional
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["VideoRecord", "ListFileError", "read_list_file", "load_class_list"]
+__all__ = ["VideoRecord", "ListFileError", "read_list_file", "load_class_list", "MANIFEST_HEADER", "MANIFEST_NAME"]
+
+# The first line of every manifest.txt that extract_frames.py writes; what follows it is one line
+# '<frames folder> <num_frames>' per video, with ' rotation=<degrees>' and ' partial' where they apply.
+MANIFEST_NAME = "manifest.txt"
+MANIFEST_HEADER = "# manifest of extract_frames.py: <frames folder> <num_frames> [rotation=<degrees>] [partial]"
 
 
 class ListFileError(ValueError):
@@ -55,24 +67,56 @@ def _parse_int(text: str, what: str, list_path: str, line_no: int, raw: str) -> 
             "expected '<path> <num_frames> <label>'") from None
 
 
-def _parse_line(raw: str, list_path: str, line_no: int) -> VideoRecord:
-    """Turn one non-empty list line into a record (path not yet joined with the root)."""
+def _is_int(text: str) -> bool:
+    try:
+        int(text)
+        return True
+    except ValueError:
+        return False
+
+
+def _parse_line(raw: str, list_path: str, line_no: int, exists: Callable[[str], bool]) -> VideoRecord:
+    """Turn one non-empty list line into a record (path not yet joined with the root).
+
+    ``exists(path)`` tells whether a path as written in the list exists; it decides only lines that a
+    path with spaces makes ambiguous.
+    """
     fields = raw.split()
     if len(fields) == 1:
         return VideoRecord(fields[0], 0, None, line_no)
+    if not _is_int(fields[-1]) and exists(raw):
+        return VideoRecord(raw, 0, None, line_no)  # an unlabelled path with spaces
+    label = _parse_int(fields[-1], "label", list_path, line_no, raw)
     if len(fields) == 2:
         # The frame count is the optional field: '<path> <label>'.
-        label = _parse_int(fields[1], "label", list_path, line_no, raw)
         return VideoRecord(fields[0], 0, label, line_no)
-    # Three or more fields: the last two are numbers, everything before them is the path (which
-    # therefore may contain spaces, as Kinetics class folders do).
-    path, n_text, label_text = raw.strip().rsplit(None, 2)
-    num_frames = _parse_int(n_text, "num_frames", list_path, line_no, raw)
-    label = _parse_int(label_text, "label", list_path, line_no, raw)
+    # Three or more fields: '<path> <num_frames> <label>', everything before the two numbers being the
+    # path (which may contain spaces, as Kinetics class folders do) ...
+    path, n_text, _ = raw.rsplit(None, 2)
+    if not _is_int(n_text):
+        # ... or '<path with spaces> <label>'.
+        spaced = raw.rsplit(None, 1)[0]
+        if exists(spaced):
+            return VideoRecord(spaced, 0, label, line_no)
+        raise ListFileError(
+            f"{list_path}:{line_no}: num_frames must be an integer, got {n_text!r} in line {raw!r}; read as "
+            f"'<path> <label>' instead, the path {spaced!r} does not exist. Expected '<path> <num_frames> <label>' "
+            "(num_frames 0: count the frames when the video is read)")
+    num_frames = int(n_text)
     if num_frames < 0:
         raise ListFileError(f"{list_path}:{line_no}: num_frames must be >= 0, got {num_frames} "
                             f"in line {raw!r}")
     return VideoRecord(path, num_frames, label, line_no)
+
+
+def _refuse_manifest(path: str, first_line: str) -> None:
+    """A manifest read as a list would turn frame counts into labels: refuse it, saying what it is."""
+    if first_line.startswith(MANIFEST_HEADER.split(":")[0]) or os.path.basename(path) == MANIFEST_NAME:
+        raise ListFileError(
+            f"{path} is the manifest that extract_frames.py writes ('<frames folder> <num_frames>' per line, "
+            "no labels), not a list file: read as one, its frame counts would become labels. Make list files "
+            "from it with Dataset_creation_scripts/build_lists.py (the 'folders' subcommand for class folders, "
+            "or the official splits' subcommands)")
 
 
 def read_list_file(path: str, root: Optional[str] = None,
@@ -91,18 +135,25 @@ def read_list_file(path: str, root: Optional[str] = None,
     Raises:
         FileNotFoundError: the list file does not exist.
         ListFileError: a malformed line or a label out of range (message ``<file>:<line>: ...``),
-            or a list without any video.
+            a list without any video, or a manifest of extract_frames.py given as a list.
     """
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"list file not found: {path}")
     records: List[VideoRecord] = []
+
+    def exists(video: str) -> bool:
+        video = os.path.expanduser(video)
+        return os.path.exists(video if root is None or os.path.isabs(video) else os.path.join(os.fspath(root), video))
+
     with open(path, "r", encoding="utf-8") as f:
         for line_no, raw in enumerate(f, start=1):
             text = raw.strip()
             if not text:
                 continue
-            rec = _parse_line(text, path, line_no)
+            if not records:
+                _refuse_manifest(path, text)
+            rec = _parse_line(text, path, line_no, exists)
             label = rec.label
             if label is not None and label < 0:
                 if label != -1:
