@@ -47,11 +47,10 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 import _common
 from _common import FAILURES_NAME, MANIFEST_HEADER, MANIFEST_NAME, PARTIAL_FLAG, ClassMatcher, read_classes_csv
 
+from datasets.readers import VIDEO_EXTENSIONS  # noqa: E402  (the repository root is on sys.path via _common)
+
 logger = logging.getLogger("extract_frames")
 
-VIDEO_EXTENSIONS = (
-    ".mp4", ".avi", ".webm", ".mkv", ".mov", ".m4v", ".mpg", ".mpeg", ".flv", ".wmv", ".3gp", ".ogv", ".ts",
-)
 TMP_PREFIX = ".tmp-"
 LOCK_NAME = ".extract_frames.lock"
 # Test-only fault injection: "<exit|killgroup>:<k>:<video path relative to SRC>" makes the worker

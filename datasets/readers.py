@@ -40,9 +40,13 @@ logger = logging.getLogger(__name__)
 
 __all__ = ["SampleLoadError", "load_frames", "open_source", "FrameFolder", "VideoFile",
            "video_backend", "set_video_backend", "count_frame_files", "check_video_file", "open_pyav",
-           "quarter_turns", "rotate_frame", "decoding_failed", "short_stream", "error_text"]
+           "quarter_turns", "rotate_frame", "decoding_failed", "short_stream", "error_text", "VIDEO_EXTENSIONS"]
 
 _BACKEND: Optional[str] = None  # "decord" or "pyav", chosen on first use
+
+# File extensions the data tools take for videos (extract_frames.py, build_lists.py folders).
+VIDEO_EXTENSIONS = (".mp4", ".avi", ".webm", ".mkv", ".mov", ".m4v", ".mpg", ".mpeg", ".flv", ".wmv", ".3gp",
+                    ".ogv", ".ts")
 
 
 class SampleLoadError(RuntimeError):
