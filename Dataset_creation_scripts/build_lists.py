@@ -415,9 +415,8 @@ def probe_entry(path: str, image_tmpl: str, index_start: int) -> Tuple[int, str]
     from datasets.readers import SampleLoadError, open_source
     from datasets.video_dataset import _frame_count
 
-    name = os.path.basename(path)
-    if name != name.strip() or "\n" in name:
-        return 0, "the name starts or ends with whitespace, which a list file cannot hold; rename it"
+    if path != path.rstrip() or "\n" in path:
+        return 0, "the name ends with whitespace, which a list file cannot hold; rename it"
     try:
         source = open_source(path, image_tmpl, index_start)
         n = _frame_count(source, 0)
