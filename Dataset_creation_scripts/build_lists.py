@@ -663,7 +663,8 @@ def _common_args(p: argparse.ArgumentParser, single_out: bool) -> None:
 def build_parser() -> argparse.ArgumentParser:
     """The command-line interface (one subcommand per dataset)."""
     p = argparse.ArgumentParser(
-        description="Build list files '<frames folder> <num_frames> <label id>' from official split files.",
+        description="Build list files '<frames folder> <num_frames> <label id>' from official split files, or "
+                    "from class folders of your own videos ('folders').",
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

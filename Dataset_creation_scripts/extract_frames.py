@@ -9,9 +9,9 @@ Contract (docs: ARCHITECTURE.md):
     are all reported before any work, or kept apart by their extensions with ``--keep-extension``.
   * ``OUT/manifest.txt``: a header line (``datasets.lists.MANIFEST_HEADER``, which makes list readers
     refuse the file), then one line ``<folder relative to OUT> <num_frames>`` per finished video, with
-    `` rotation=<degrees>`` when the frames were turned and `` partial`` when ``--keep-partial`` kept
-    the frames before a decode error; sorted at the end of a run (a rerun and a clean run give
-    identical files).
+    `` rotation=<degrees>`` when the frames were turned (counter-clockwise from the stored picture) and
+    `` partial`` when ``--keep-partial`` kept the frames before a decode error; sorted at the end of a
+    run (a rerun and a clean run give identical files).
   * ``OUT/failures.txt``: one line ``<video relative to SRC><TAB><reason>`` per video that could not be
     read in the latest run, and per partial video (reason ``partial, kept N frames: ...``); rewritten on
     every run (failed videos are retried, partial ones are kept). The reasons are the video readers'
