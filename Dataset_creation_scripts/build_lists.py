@@ -480,15 +480,21 @@ def _set_name(text: str) -> str:
 
 def write_folder_configs(out: Path, src: Path, name: str, extends: Path, counts: Dict[str, int],
                          num_classes: int, seed: int, command: str, image_tmpl: str = "img_{:05d}.jpg",
-                         index_start: int = 1) -> List[Path]:
-    """``config.yaml`` (train on train.txt, evaluate val.txt) and, with a test split, ``test.yaml``."""
+                         index_start: int = 1, descriptions: Optional[Path] = None) -> List[Path]:
+    """``config.yaml`` (train on train.txt, evaluate val.txt) and, with a test split, ``test.yaml``.
+
+    The class texts are the prompt templates on the class names, or ``descriptions`` (a CSV
+    ``SNo,Class Name,Description``) when given.
+    """
     import yaml
 
     from utils.config import load_config
 
     parent = load_config(extends)
+    texts = {"descriptions": _config_path(descriptions) if descriptions else None}
     data = {"train_list": _config_path(out / "train.txt"), "root": _config_path(src),
-            "classes": _config_path(out / "classes.csv"), "descriptions": None, "text_mode": "templates"}
+            "classes": _config_path(out / "classes.csv"), **texts,
+            "text_mode": "descriptions" if descriptions else "templates"}
     if (image_tmpl, index_start) != (parent.data.image_tmpl, parent.data.index_start):
         data.update(image_tmpl=image_tmpl, index_start=index_start)
     notes = []
@@ -498,7 +504,7 @@ def write_folder_configs(out: Path, src: Path, name: str, extends: Path, counts:
         notes.append(f"data.batch_size lowered from {parent.data.batch_size} to {batch}: only {counts['train']} "
                      "training videos")
     val_set = {"name": f"{name}_val", "lists": [_config_path(out / "val.txt")], "root": data["root"],
-               "classes": data["classes"]}
+               "classes": data["classes"], **texts}
     inside = _config_path(out) != str(out.resolve())  # the lists' folder is inside the repository
     config = {"extends": os.path.relpath(extends.resolve(), out.resolve()) if inside else str(extends.resolve()),
               "output_dir": f"output/{name}",
@@ -509,14 +515,16 @@ def write_folder_configs(out: Path, src: Path, name: str, extends: Path, counts:
     header = [f"# Written by: {command}",
               f"# Your own dataset: {num_classes} classes (the folder names of {data['root']}), "
               f"{counts['train']} training / {counts['val']} validation / {counts['test']} test videos "
-              f"(stratified, seed {seed}). Class texts: the 16 prompt templates on the class names.",
+              f"(stratified, seed {seed}). Class texts: "
+              + (f"the descriptions in {texts['descriptions']}." if descriptions else
+                 "the 16 prompt templates on the class names."),
               f"# Everything else comes from {config['extends']}. Rerunning the command rewrites this file.",
               *[f"# Note: {n}" for n in notes]]
     written = [out / "config.yaml"]
     _common.atomic_write_text(written[0], "\n".join(header) + "\n" + yaml.safe_dump(config, sort_keys=False))
     if counts["test"]:
         test_set = {"name": f"{name}_test", "lists": [_config_path(out / "test.txt")], "root": data["root"],
-                    "classes": data["classes"]}
+                    "classes": data["classes"], **texts}
         test_cfg = {"extends": "config.yaml", "output_dir": f"output/{name}_test", "eval": {"sets": [test_set]}}
         written.append(out / "test.yaml")
         _common.atomic_write_text(written[1], f"# Written by: {command}\n# The held-out test split of config.yaml; "
@@ -541,6 +549,9 @@ def build_folders(args) -> None:
     extends = Path(args.extends)
     if not extends.is_file():
         raise FileNotFoundError(f"--extends config not found: {extends}")
+    descriptions = Path(args.descriptions) if args.descriptions else None
+    if descriptions is not None and not descriptions.is_file():
+        raise FileNotFoundError(f"--descriptions file not found: {descriptions}")
     classes, entries, ignored = find_class_folder_entries(src, VIDEO_EXTENSIONS)
     if ignored:
         logger.warning("%d file(s) are neither videos (%s ...) nor frames folders and were ignored, e.g. %s",
@@ -592,7 +603,7 @@ def build_folders(args) -> None:
     name = args.name or _set_name(src.resolve().name)
     command = "python Dataset_creation_scripts/build_lists.py " + shlex.join(args.argv)
     configs = write_folder_configs(out, src, name, extends, sizes, len(classes), args.seed, command,
-                                   args.image_tmpl, args.index_start)
+                                   args.image_tmpl, args.index_start, descriptions)
     logger.info("%d classes, %d train / %d val / %d test videos; wrote %s", len(classes), sizes["train"], sizes["val"],
                 sizes["test"], ", ".join(str(p) for p in [out / "classes.csv", *configs]))
     best = f"output/{name}/best_{name}_val.pt" if sizes["val"] else f"output/{name}/last.pt"
@@ -705,6 +716,9 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--extends", default=str(_common.REPO_ROOT / "configs" / "base.yaml"),
                    help="the recipe the config extends (default configs/base.yaml; e.g. configs/demo/demo_train.yaml "
                         "for the tiny random CLIP that needs no weights)")
+    f.add_argument("--descriptions", metavar="CSV",
+                   help="class descriptions 'SNo,Class Name,Description' to use as class texts (default: the 16 "
+                        "prompt templates on the folder names)")
     f.add_argument("--image-tmpl", default="img_{:05d}.jpg", help="frame file names in frames folders")
     f.add_argument("--index-start", type=int, default=1, help="number of the first frame file (default 1)")
     f.add_argument("--workers", type=int, default=_common.default_workers(),
