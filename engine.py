@@ -98,8 +98,12 @@ def resolve_precision(device: torch.device, precision: str) -> torch.dtype:
 
 
 # ---------------------------------------------------------------------------------------------- texts
-def class_tokens(classes_csv: str, descriptions_csv: Optional[str], text_mode: str) -> tuple[list, torch.Tensor]:
-    """(class names, token ids (V, K, L)) for a class list and its descriptions or the templates."""
+def class_tokens(classes_csv: str, descriptions_csv: Optional[str], text_mode: str,
+                 missing: str = "error") -> tuple[list, torch.Tensor]:
+    """(class names, token ids (V, K, L)) for a class list and its descriptions or the templates.
+
+    ``missing``: what a class without a description gets: "error" or "template" (``data.missing_descriptions``).
+    """
     names = load_class_list(classes_csv)
     descriptions = None
     if text_mode == "descriptions":
@@ -108,7 +112,8 @@ def class_tokens(classes_csv: str, descriptions_csv: Optional[str], text_mode: s
         else:
             logger.warning("no descriptions file for %s: using the prompt templates instead", classes_csv)
             text_mode = "templates"
-    texts = class_texts(names, descriptions, mode=text_mode, source=str(descriptions_csv or classes_csv))
+    texts = class_texts(names, descriptions, mode=text_mode, source=str(descriptions_csv or classes_csv),
+                        missing=missing)
     return names, tokenize_class_texts(texts)
 
 
@@ -139,6 +144,16 @@ class ShardSampler(Sampler):
         return len(self.indices)
 
 
+# The published test code multiplies the cosines by a hard-coded 100 (equal to exp(logit_scale) of the OpenAI weights
+# up to float rounding); the "centre" rules use the model's own scale.
+PUBLISHED_LOGIT_SCALE = 100.0
+
+
+def scoring_scale(model: nn.Module, rules: str) -> float:
+    """The temperature of the softmax over classes under the test rules: 100 (published) or exp(logit_scale)."""
+    return PUBLISHED_LOGIT_SCALE if rules == "published" else float(model.logit_scale.detach().exp())
+
+
 def video_scores(video_emb: torch.Tensor, text_emb: torch.Tensor, logit_scale: float) -> torch.Tensor:
     """Normalised video embeddings (B, E) and text embeddings (V, K, E) -> probabilities (B, K), view-averaged."""
     logits = logit_scale * torch.einsum("be,vke->bvk", F.normalize(video_emb.float(), dim=-1), text_emb)
@@ -148,7 +163,7 @@ def video_scores(video_emb: torch.Tensor, text_emb: torch.Tensor, logit_scale: f
 @torch.no_grad()
 def score_dataset(model: nn.Module, dataset: VideoDataset, text_emb: torch.Tensor, device: torch.device,
                   batch_size: int, num_workers: int, precision: str = "auto", dist_info=None,
-                  desc: str = "eval") -> tuple[torch.Tensor, torch.Tensor, int]:
+                  desc: str = "eval", rules: str = "published") -> tuple[torch.Tensor, torch.Tensor, int]:
     """(probabilities (N, K), labels (N,), number of unreadable videos) over the whole dataset.
 
     Multi-view samples (V, T, 3, S, S) are scored view by view and averaged. A video that could not be read is
@@ -157,7 +172,7 @@ def score_dataset(model: nn.Module, dataset: VideoDataset, text_emb: torch.Tenso
     rank, world = (dist_info.rank, dist_info.world_size) if dist_info else (0, 1)
     loader = DataLoader(dataset, batch_size=batch_size, sampler=ShardSampler(len(dataset), rank, world),
                         num_workers=num_workers, pin_memory=device.type == "cuda", drop_last=False)
-    scale = float(model.logit_scale.exp())
+    scale = scoring_scale(model, rules)
     scores, labels, indices = [], [], []
     failed = 0
     for batch in tqdm(loader, desc=desc, disable=rank != 0, leave=False, dynamic_ncols=True):
@@ -192,7 +207,7 @@ def make_eval_dataset(cfg: Config, s: EvalSet, list_file: str, num_classes: int)
                         input_size=cfg.data.input_size, image_tmpl=s.image_tmpl or cfg.data.image_tmpl,
                         index_start=s.index_start if s.index_start is not None else cfg.data.index_start,
                         num_clips=cfg.eval.num_clips, num_crops=cfg.eval.num_crops, on_error=cfg.data.on_error,
-                        num_classes=num_classes, seed=cfg.seed)
+                        num_classes=num_classes, seed=cfg.seed, test_rules=cfg.eval.rules)
 
 
 def evaluate_set(model: nn.Module, cfg: Config, s: EvalSet, device: torch.device, dist_info=None,
@@ -203,7 +218,8 @@ def evaluate_set(model: nn.Module, cfg: Config, s: EvalSet, device: torch.device
     with ``keep_scores`` the scores, labels and class names of each split ride along (for per-class files).
     """
     classes_csv = s.classes or cfg.data.classes
-    names, tokens = class_tokens(classes_csv, s.descriptions, s.text_mode or cfg.data.text_mode)
+    names, tokens = class_tokens(classes_csv, s.descriptions, s.text_mode or cfg.data.text_mode,
+                                 cfg.data.missing_descriptions)
     text_emb = encode_class_texts(model, tokens, device, cfg.solver.precision)
     result: dict = {"name": s.name, "group": s.group, "num_classes": len(names), "splits": []}
     entries = []  # what the aggregate is over: the splits, or the class subsets of every split
@@ -211,7 +227,7 @@ def evaluate_set(model: nn.Module, cfg: Config, s: EvalSet, device: torch.device
         dataset = make_eval_dataset(cfg, s, list_file, len(names))
         scores, labels, failed = score_dataset(model, dataset, text_emb, device, cfg.eval.batch_size,
                                                cfg.data.num_workers, cfg.solver.precision, dist_info,
-                                               desc=f"{s.name} {Path(list_file).name}")
+                                               desc=f"{s.name} {Path(list_file).name}", rules=cfg.eval.rules)
         split = {"split": Path(list_file).name, **accuracy_metrics(scores, labels), "unreadable_videos": failed}
         if keep_scores:
             split["_scores"], split["_labels"], split["_names"] = scores, labels, names

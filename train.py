@@ -116,7 +116,8 @@ def train(cfg, args, dist_info, out: Path) -> dict:
     logger.info("output folder %s; device %s; world size %d", out, device, dist_info.world_size)
 
     # ---- data
-    class_names, tokens = engine.class_tokens(cfg.data.classes, cfg.data.descriptions, cfg.data.text_mode)
+    class_names, tokens = engine.class_tokens(cfg.data.classes, cfg.data.descriptions, cfg.data.text_mode,
+                                              cfg.data.missing_descriptions)
     dataset = VideoDataset(cfg.data.train_list, root=cfg.data.root, num_frames=cfg.data.num_frames, mode="train",
                            input_size=cfg.data.input_size, image_tmpl=cfg.data.image_tmpl,
                            index_start=cfg.data.index_start, flip=cfg.data.flip, on_error=cfg.data.on_error,

@@ -56,6 +56,7 @@ class DataSection:
     classes: Optional[str] = None         # class list CSV (id,name)
     descriptions: Optional[str] = None    # descriptions CSV; null -> templates
     text_mode: str = "descriptions"       # descriptions | templates
+    missing_descriptions: str = "error"   # a class without a description: error | template (the first template)
     image_tmpl: str = "img_{:05d}.jpg"
     index_start: int = 1
     flip: bool = True                     # off for Something-Something, where left/right is the label
@@ -81,6 +82,9 @@ class EvalSet:
 @dataclass
 class EvalSection:
     every: int = 1                     # evaluate every N epochs during training (0 = never)
+    # Test-time rules (datasets.TEST_RULES): "published" = the published T2L test code exactly (its frame choice,
+    # Pillow bicubic resize, logit scale 100); "centre" = segment centres, torch bilinear resize, exp(logit_scale).
+    rules: str = "published"
     batch_size: int = 16
     num_clips: int = 1
     num_crops: int = 1
@@ -153,6 +157,8 @@ _LIST_ITEM_TYPES = {("eval", "sets"): EvalSet}
 _CHOICES = {
     ("data", "text_mode"): ("descriptions", "templates"),
     ("data", "on_error"): ("skip", "raise"),
+    ("eval", "rules"): ("published", "centre"),
+    ("data", "missing_descriptions"): ("error", "template"),
     ("solver", "precision"): ("auto", "fp32", "bf16", "fp16"),
     ("network", "t2l", "temporal_tokens"): ("deep", "shallow", "none"),
     ("logging", "wandb_mode"): ("online", "offline", "disabled"),
