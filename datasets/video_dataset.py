@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from .lists import VideoRecord, read_list_file
+from .lists import PathRules, VideoRecord, check_labels_match_names, read_list_file
 from .readers import FrameFolder, SampleLoadError, open_source
 from .sampling import sample_indices
 from .transforms import build_transform
@@ -107,6 +107,13 @@ class VideoDataset(Dataset):
             ``"centre"`` (segment centres, torch bilinear resize); see ``TEST_RULES``.
         on_error: ``"skip"`` or ``"raise"`` (see the module docstring).
         num_classes: when given, labels outside ``[0, num_classes)`` are an error at construction.
+        class_names: when given (with ``classes_source``, the class file's name for messages), a list whose
+            labels point at classes other than the ones its videos are named after is an error at construction
+            (``datasets.lists.label_name_mismatches``); ``check_labels=False`` turns that check off.
+        paths: :class:`~datasets.lists.PathRules` for the list's paths (published split files).
+        train_sampling: ``"segments"``: one random frame per segment (TSN); ``"test"``: the test-time frames of
+            ``test_rules`` every epoch (what the published base-to-novel and few-shot configs train with, their
+            ``random_shift: False``); the augmentation stays random either way.
         seed: base seed; the clip of sample ``i`` in epoch ``e`` depends on ``(seed, e, i)`` only.
 
     ``ds[i]`` is a dict: ``video`` float32 ``(T, 3, S, S)`` in training, ``(V, T, 3, S, S)`` with
@@ -118,7 +125,9 @@ class VideoDataset(Dataset):
                  mode: str = "train", input_size: int = 224, image_tmpl: str = "img_{:05d}.jpg",
                  index_start: int = 1, flip: bool = True, num_clips: int = 1, num_crops: int = 1,
                  on_error: str = "skip", num_classes: Optional[int] = None, seed: int = 0,
-                 test_rules: str = "published"):
+                 test_rules: str = "published", class_names: Optional[List[str]] = None,
+                 classes_source: str = "the class list", check_labels: bool = True,
+                 paths: Optional[PathRules] = None, train_sampling: str = "segments"):
         if mode not in ("train", "test"):
             raise ValueError(f"mode must be 'train' or 'test', got {mode!r}")
         if on_error not in ("skip", "raise"):
@@ -127,11 +136,18 @@ class VideoDataset(Dataset):
             raise ValueError(f"num_frames must be >= 1, got {num_frames}")
         if num_clips < 1:
             raise ValueError(f"num_clips must be >= 1, got {num_clips}")
+        if train_sampling not in ("segments", "test"):
+            raise ValueError(f"train_sampling must be 'segments' or 'test', got {train_sampling!r}")
+        self.train_sampling = train_sampling
         if mode == "train" and (num_clips != 1 or num_crops != 1):
             raise ValueError("num_clips and num_crops are test-time options; training takes one view")
         _check_template(image_tmpl)
         self.list_file = os.fspath(list_file)
-        self.records: List[VideoRecord] = read_list_file(list_file, root=root, num_classes=num_classes)
+        if class_names is not None:
+            num_classes = len(class_names) if num_classes is None else num_classes
+        self.records: List[VideoRecord] = read_list_file(list_file, root=root, num_classes=num_classes, paths=paths)
+        if class_names is not None and check_labels:
+            check_labels_match_names(self.records, class_names, self.list_file, classes_source)
         self.num_frames = int(num_frames)
         self.mode = mode
         self.input_size = int(input_size)
@@ -187,7 +203,10 @@ class VideoDataset(Dataset):
             return _test_views(source, n, self.num_frames, self.num_clips, self.transform,
                                self.test_rules["frames"])
         np_rng, torch_gen = self._generators(index)
-        idx = sample_indices(n, self.num_frames, "train", rng=np_rng)
+        if self.train_sampling == "test":
+            idx = sample_indices(n, self.num_frames, "test", rule=self.test_rules["frames"])[0]
+        else:
+            idx = sample_indices(n, self.num_frames, "train", rng=np_rng)
         return self.transform(source.read(idx), torch_gen)
 
     def __getitem__(self, index: int) -> Dict[str, object]:
