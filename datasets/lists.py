@@ -190,10 +190,11 @@ def read_list_file(path: str, root: Optional[str] = None, num_classes: Optional[
                                     f"[0, {num_classes}) in line {text!r}")
             video = rules.rewrite(rec.path) if rules.active else rec.path
             if by_name is not None:
-                found = by_name.get(video.rstrip("/").replace("\\", "/").rsplit("/", 1)[-1], [])
+                name = video.rstrip("/").replace("\\", "/").rsplit("/", 1)[-1]
+                found = by_name.get(name, [])
                 if len(found) != 1:
                     raise ListFileError(
-                        f"{path}:{line_no}: paths.by_name: {video!r} is {'not among' if not found else 'twice among'} "
+                        f"{path}:{line_no}: paths.by_name: {name!r} is {'not among' if not found else 'twice among'} "
                         f"the folders of {os.path.join(os.fspath(root or '.'), 'manifest.txt')}"
                         f"{'' if not found else ': ' + ', '.join(found[:3])}")
                 video = found[0]

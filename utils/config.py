@@ -394,3 +394,44 @@ def save_config(cfg: Config, path: str | Path) -> None:
     """Write the resolved config as YAML (the exact settings of a run, for the output folder)."""
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False), encoding="utf-8")
+
+
+def _main(argv=None) -> int:
+    """``python -m utils.config convert PUBLISHED.yaml [--published-root DIR] [--root DIR] > ours.yaml``."""
+    import argparse
+    import sys
+
+    from utils.published_config import convert_published, render
+
+    p = argparse.ArgumentParser(prog="python -m utils.config", description="Config tools.")
+    sub = p.add_subparsers(dest="command", required=True)
+    conv = sub.add_parser("convert", help="convert a config of the published T2L code into one of ours (stdout)",
+                          description="Map every key of a published T2L config to ours; the keys that have no "
+                                      "counterpart are listed (header comments and stderr), never dropped silently.",
+                          epilog="example: python -m utils.config convert third_party/T2L/configs/K-400/"
+                                 "k400_train.yaml --published-root third_party/T2L --root data/k400_frames > k400.yaml")
+    conv.add_argument("published", help="the published YAML config")
+    conv.add_argument("--published-root", default=None,
+                      help="where the published repository is checked out: its relative paths are joined with it")
+    conv.add_argument("--root", default=None, help="your frames folder (data.root and every eval set's root)")
+    args = p.parse_args(argv)
+    path = Path(args.published)
+    try:
+        published = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except (OSError, yaml.YAMLError) as e:
+        print(f"python -m utils.config convert: error: {path}: {e}", file=sys.stderr)
+        return 2
+    if not isinstance(published, dict):
+        print(f"python -m utils.config convert: error: {path}: not a mapping of sections", file=sys.stderr)
+        return 2
+    converted, dropped, notes = convert_published(published, str(path), args.published_root, args.root)
+    for key, value, why in dropped:
+        print(f"{path}: not converted: {key}: {value!r} -- {why}", file=sys.stderr)
+    for note in notes:
+        print(f"{path}: check: {note}", file=sys.stderr)
+    sys.stdout.write(render(converted, dropped, notes, str(path)))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(_main())
