@@ -321,3 +321,42 @@ def test_a_published_config_converts_with_every_key_accounted_for(tmp_path):
     run = subprocess.run([sys.executable, "-m", "utils.config", "convert", str(bad)], cwd=repo, capture_output=True,
                          text=True)
     assert run.returncode == 2 and f"error: {bad}" in run.stderr and not run.stdout
+
+
+# ----------------------------------------------------------------------------------------------- training from them
+def test_a_published_checkpoint_starts_training_and_is_refused_by_resume(published_hmdb, tmp_path, monkeypatch):
+    from pathlib import Path
+
+    import engine
+    import train as train_script
+    from modules import CheckpointError
+    from modules.checkpoint import init_from_checkpoint, published_to_ours, read_checkpoint
+    from utils.config import load_config
+
+    monkeypatch.chdir(Path(__file__).resolve().parents[1])
+    weights = _tiny_published_checkpoint(TINY, tmp_path / "published.pth")
+    cfg = load_config("configs/demo/demo_train.yaml", TINY)
+    model = engine.build_model(cfg)
+    init_from_checkpoint(model, weights)
+    _, t2l_sd = published_to_ours(read_checkpoint(weights)["model_state_dict"])
+    for name, p in model.named_parameters():
+        if not name.startswith("clip."):
+            assert torch.equal(p.detach(), t2l_sd[name].float()), name
+    # another frozen CLIP (another seed) is not the published model: refused, naming a tensor
+    other = engine.build_model(load_config("configs/demo/demo_train.yaml", TINY + ["network.random_seed=5"]))
+    with pytest.raises(CheckpointError, match=r"its frozen CLIP differs from network.pretrained's in \d+ tensor"):
+        init_from_checkpoint(other, weights)
+    # train.py: --resume refuses it, naming the option to use; network.init_from trains from it
+    lst = tmp_path / "train.txt"
+    root = published_hmdb["root"]
+    lst.write_text("".join(f"{root / name} 0 {label}\n" for name, label in HMDB_VIDEOS))
+    opts = TINY + [f"output_dir={tmp_path / 'run'}", f"data.train_list={lst}", "data.root=null",
+                   "data.classes=lists/published_order/hmdb51_classes.csv",
+                   f"data.descriptions={published_hmdb['descriptions']}", "data.batch_size=5", "solver.epochs=1",
+                   "eval.sets=[]"]
+    with pytest.raises(ValueError, match=r"published T2L checkpoint.*set network.init_from"):
+        train_script.main(["--config", "configs/demo/demo_train.yaml", "--resume", str(weights), "--opts", *opts])
+    summary = train_script.main(["--config", "configs/demo/demo_train.yaml", "--opts", *opts,
+                                 f"network.init_from={weights}"])
+    assert summary["steps"] == 2
+    assert "initialised the T2L tensors from" in (tmp_path / "run" / "log.txt").read_text()
