@@ -359,7 +359,7 @@ def test_a_published_checkpoint_starts_training_and_is_refused_by_resume(publish
     summary = train_script.main(["--config", "configs/demo/demo_train.yaml", "--opts", *opts,
                                  f"network.init_from={weights}"])
     assert summary["steps"] == 2
-    assert "initialised the T2L tensors from" in (tmp_path / "run" / "log.txt").read_text()
+    assert f"T2L tensors initialised from {weights} (network.init_from)" in (tmp_path / "run" / "log.txt").read_text()
 
 
 # ----------------------------------------------------------------------------------------------- K-600, both ways
