@@ -30,12 +30,14 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(1, str(REPO_ROOT))  # before site-packages: our datasets/, not a package of that name
 
-from datasets.lists import MANIFEST_HEADER, MANIFEST_NAME  # noqa: E402
+# The manifest's format is the library's (datasets/lists.py), so that its readers and these tools agree on it.
+from datasets.lists import (MANIFEST_HEADER, MANIFEST_NAME, PARTIAL_FLAG, format_manifest_line,  # noqa: E402,F401
+                            parse_manifest_line)
+from datasets.lists import read_manifest as read_manifest_entries  # noqa: E402
 
 logger = logging.getLogger(__name__)
 
 FAILURES_NAME = "failures.txt"
-PARTIAL_FLAG = "partial"
 
 
 class InputFormatError(ValueError):
@@ -252,65 +254,8 @@ class ClassMatcher:
 # --------------------------------------------------------------------------------------------
 # Manifest and list files
 # --------------------------------------------------------------------------------------------
-def parse_manifest_line(line: str) -> Tuple[str, int, Tuple[str, ...]]:
-    """Split a manifest line ``<folder> <num_frames>[ rotation=<degrees>][ partial]``.
-
-    The folder may contain spaces: the flags are taken off the right end, then the count.
-    """
-    text = line.rstrip("\n")
-    flags: List[str] = []
-    while True:
-        head, _, last = text.rpartition(" ")
-        if head and (last == PARTIAL_FLAG or re.fullmatch(r"rotation=\d+", last)):
-            flags.insert(0, last)
-            text = head
-        else:
-            break
-    folder, _, count = text.rpartition(" ")
-    if not folder or not count.isdigit():
-        raise ValueError(f"expected '<folder> <num_frames>', got {line.rstrip(chr(10))!r}")
-    return folder, int(count), tuple(flags)
-
-
-def format_manifest_line(folder: str, num_frames: int, flags: Sequence[str] = ()) -> str:
-    """One manifest line (without the newline); see :func:`parse_manifest_line`."""
-    return " ".join([folder, str(num_frames), *flags])
-
-
-def read_manifest_entries(path, strict: bool = True) -> Dict[str, Tuple[int, Tuple[str, ...]]]:
-    """Read ``manifest.txt`` written by extract_frames.py into ``{folder: (num_frames, flags)}``.
-
-    The header line (:data:`MANIFEST_HEADER`) is skipped; manifests written before it existed have
-    none. A last line without a newline is what a killed writer leaves behind; it is ignored. With
-    ``strict`` a malformed complete line raises :class:`InputFormatError`, otherwise it is skipped.
-    A folder listed twice keeps its last entry.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"manifest not found: {path} (run extract_frames.py first)")
-    out: Dict[str, Tuple[int, Tuple[str, ...]]] = {}
-    with open(path, encoding="utf-8", newline="") as f:
-        data = f.read()
-    lines = data.split("\n")
-    complete = lines[:-1]  # the part after the last "\n" is either "" or an unfinished line
-    if lines[-1]:
-        logger.warning("%s: ignoring an unfinished last line %r", path, lines[-1][:80])
-    for lineno, line in enumerate(complete, start=1):
-        if not line.strip() or (lineno == 1 and line.startswith(MANIFEST_HEADER.split(":")[0])):
-            continue
-        try:
-            folder, n, flags = parse_manifest_line(line)
-        except ValueError as exc:
-            if strict:
-                raise InputFormatError(path, lineno, str(exc)) from None
-            logger.warning("%s:%d: skipping malformed line %r", path, lineno, line[:80])
-            continue
-        out[folder] = (n, flags)
-    return out
-
-
 def read_manifest(path, strict: bool = True) -> Dict[str, int]:
-    """``{folder: num_frames}`` of a manifest (see :func:`read_manifest_entries`)."""
+    """``{folder: num_frames}`` of a manifest written by extract_frames.py (``datasets.lists.read_manifest``)."""
     return {folder: n for folder, (n, _) in read_manifest_entries(path, strict).items()}
 
 

@@ -504,7 +504,7 @@ def write_folder_configs(out: Path, src: Path, name: str, extends: Path, counts:
         notes.append(f"data.batch_size lowered from {parent.data.batch_size} to {batch}: only {counts['train']} "
                      "training videos")
     val_set = {"name": f"{name}_val", "lists": [_config_path(out / "val.txt")], "root": data["root"],
-               "classes": data["classes"], **texts}
+               "classes": data["classes"], **texts, "select_best": True}  # best_<name>_val.pt: chosen on validation
     inside = _config_path(out) != str(out.resolve())  # the lists' folder is inside the repository
     config = {"extends": os.path.relpath(extends.resolve(), out.resolve()) if inside else str(extends.resolve()),
               "output_dir": f"output/{name}",

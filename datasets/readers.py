@@ -36,6 +36,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from .lists import VIDEO_EXTENSIONS  # noqa: F401  (exported for the data tools)
+
 logger = logging.getLogger(__name__)
 
 __all__ = ["SampleLoadError", "load_frames", "open_source", "FrameFolder", "VideoFile",
@@ -44,9 +46,6 @@ __all__ = ["SampleLoadError", "load_frames", "open_source", "FrameFolder", "Vide
 
 _BACKEND: Optional[str] = None  # "decord" or "pyav", chosen on first use
 
-# File extensions the data tools take for videos (extract_frames.py, build_lists.py folders).
-VIDEO_EXTENSIONS = (".mp4", ".avi", ".webm", ".mkv", ".mov", ".m4v", ".mpg", ".mpeg", ".flv", ".wmv", ".3gp",
-                    ".ogv", ".ts")
 
 
 class SampleLoadError(RuntimeError):
