@@ -29,7 +29,7 @@ import extract_frames  # noqa: E402
 import predict  # noqa: E402
 from datasets import ListFileError, SampleLoadError, VideoDataset, load_video_clip, read_list_file  # noqa: E402
 from datasets import readers  # noqa: E402
-from datasets.lists import MANIFEST_HEADER  # noqa: E402
+from datasets.lists import MANIFEST_HEADER, PathRules  # noqa: E402
 from test_predict import ckpt, one_thread  # noqa: E402,F401  (fixtures: a tiny random T2L checkpoint, 1 thread)
 from utils.config import check_paths, load_config  # noqa: E402
 
@@ -278,9 +278,15 @@ def test_a_manifest_given_as_a_list_is_refused_saying_what_it_is(tmp_path):
             read_list_file(str(path))
         with pytest.raises(ListFileError, match="manifest"):
             VideoDataset(str(path))
-    # the tools still read it as a manifest, flags and all
+    # the tools still read it as a manifest, flags and all; so does paths.by_name, which looks names up in it
     import _common
     assert _common.read_manifest_entries(out / "manifest.txt") == {"a/v": (3, ())}
+    with open(out / "manifest.txt", "a") as f:
+        f.write("b/turned clip 5 rotation=90\nc/cut 2 partial\n")
+    published = tmp_path / "split.txt"
+    published.write_text("/authors/disk/v.avi 0 1\n/authors/disk/turned clip.avi 0 0\n/authors/disk/cut.avi 0 0\n")
+    recs = read_list_file(str(published), root=str(out), paths=PathRules.from_options(by_name=True, drop_extension=True))
+    assert [r.path for r in recs] == [str(out / "a/v"), str(out / "b/turned clip"), str(out / "c/cut")]
     assert _common.parse_manifest_line("my clip 12 rotation=90 partial") == ("my clip", 12, ("rotation=90", "partial"))
     assert _common.parse_manifest_line("a partial 7") == ("a partial", 7, ())
 
@@ -436,6 +442,14 @@ def test_folders_writes_classes_stratified_seeded_lists_and_configs(tmp_path):
     test_cfg = load_config(out / "test.yaml")
     assert [s.name for s in test_cfg.eval.sets] == ["my_videos_test"] and test_cfg.output_dir == "output/my_videos_test"
     check_paths(test_cfg, train=False)
+    # with --descriptions the class texts are that file's, in training and in every eval set
+    desc = tmp_path / "descriptions.csv"
+    desc.write_text("SNo,Class Name,Description\n1,clapping,Hands meet.\n2,jumping,Feet leave.\n3,waving,A hand moves.\n")
+    assert build_lists.main(argv + ["--descriptions", str(desc)]) == 0
+    cfg, test_cfg = load_config(out / "config.yaml"), load_config(out / "test.yaml")
+    assert cfg.data.text_mode == "descriptions" and Path(cfg.data.descriptions) == desc.resolve()
+    assert Path(cfg.eval.sets[0].descriptions) == Path(test_cfg.eval.sets[0].descriptions) == desc.resolve()
+    check_paths(cfg, train=True)
 
 
 def test_own_dataset_trains_and_tests_from_the_written_configs(tmp_path):
