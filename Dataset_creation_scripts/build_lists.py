@@ -607,9 +607,10 @@ def build_folders(args) -> None:
     logger.info("%d classes, %d train / %d val / %d test videos; wrote %s", len(classes), sizes["train"], sizes["val"],
                 sizes["test"], ", ".join(str(p) for p in [out / "classes.csv", *configs]))
     best = f"output/{name}/best_{name}_val.pt" if sizes["val"] else f"output/{name}/last.pt"
-    logger.info("next:\n  python train.py --config %s\n%s  python predict.py %s --model %s --classes %s", configs[0],
+    logger.info("next:\n  python train.py --config %s\n%s  python predict.py %s --model %s --classes %s%s", configs[0],
                 f"  python test.py --config {configs[1]} --weights {best}\n" if len(configs) > 1 else "",
-                src / (splits["test"] or splits["val"] or splits["train"])[0], best, out / "classes.csv")
+                src / (splits["test"] or splits["val"] or splits["train"])[0], best, out / "classes.csv",
+                f" --descriptions {descriptions}" if descriptions else "")
 
 
 # --------------------------------------------------------------------------------------------
