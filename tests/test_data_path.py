@@ -496,7 +496,7 @@ def _help(rel: str, *args: str) -> str:
     sys.path.insert(0, str(path.parent))
     try:
         with contextlib.redirect_stdout(buf), pytest.raises(SystemExit) as info:
-            if rel.startswith("modules/"):
+            if (path.parent / "__init__.py").is_file():  # a module of a package: python -m package.module
                 runpy.run_module(rel[:-3].replace("/", "."), run_name="__main__")
             else:
                 runpy.run_path(str(path), run_name="__main__")
@@ -507,7 +507,7 @@ def _help(rel: str, *args: str) -> str:
     return buf.getvalue()
 
 
-@pytest.mark.filterwarnings("ignore:'modules.checkpoint' found in sys.modules:RuntimeWarning")
+@pytest.mark.filterwarnings("ignore:.* found in sys.modules after import of package:RuntimeWarning")
 @pytest.mark.parametrize("rel", _scripts())
 def test_every_help_names_configs_and_lists_that_exist(rel):
     texts = [_help(rel)]
