@@ -246,6 +246,10 @@ def test_broken_and_non_video_files_get_the_same_reason_in_every_tool(tmp_path, 
     assert build_lists.main(["folders", str(src), "--out-dir", str(tmp_path / "lists"), "--workers", "0",
                              "--no-progress", "--val", "0"]) == 0
     from_builder = {rel.split("/")[-1]: r for rel, r in failures(tmp_path / "lists" / "failures.txt").items()}
+    import extract_features
+    from types import SimpleNamespace
+    encoder = SimpleNamespace(num_frames=2, num_clips=1, num_crops=1, image_tmpl="img_{:05d}.jpg", index_start=1,
+                              input_size=32, test_rules="published")
     readers.set_video_backend(backend)
     try:
         from_readers = {}
@@ -253,11 +257,13 @@ def test_broken_and_non_video_files_get_the_same_reason_in_every_tool(tmp_path, 
             with pytest.raises(SampleLoadError) as info:
                 load_video_clip(str(src / "cls" / name), num_frames=2, input_size=32)
             from_readers[name] = info.value.reason
+        exported = extract_features.ExportVideos([(str(src / "cls" / name), 0) for name in expected], encoder)
+        from_export = {name: exported[i]["error"] for i, name in enumerate(expected)}
     finally:
         readers.set_video_backend(None)
     assert set(from_extraction) == set(from_builder) == set(expected)
     for name, want in expected.items():
-        assert from_extraction[name] == from_builder[name] == from_readers[name], name
+        assert from_extraction[name] == from_builder[name] == from_readers[name] == from_export[name], name
         assert want.fullmatch(from_readers[name]) if isinstance(want, re.Pattern) else from_readers[name] == want
 
 
