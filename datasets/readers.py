@@ -33,7 +33,6 @@ from contextlib import contextmanager
 from typing import Dict, Iterator, Optional, Sequence
 
 import numpy as np
-import torch
 from PIL import Image
 
 from .lists import VIDEO_EXTENSIONS  # noqa: F401  (exported for the data tools)
@@ -225,6 +224,8 @@ class FrameFolder:
         shapes = {a.shape for a in decoded.values()}
         if len(shapes) > 1:
             raise SampleLoadError(self.path, f"frames have different sizes {sorted(shapes)}")
+        import torch  # imported on first use: the data tools use this module without torch
+
         frames = torch.from_numpy(np.stack([decoded[int(i)] for i in indices]))  # (K, H, W, 3)
         # -> (K, 3, H, W) as a channels-last view, like the video reader
         return frames.permute(0, 3, 1, 2)
@@ -387,6 +388,8 @@ class VideoFile:
         Indices past the end are clamped to the last frame: list files and containers sometimes
         disagree by a frame or two about the length.
         """
+        import torch
+
         n = self.num_frames
         if n <= 0:
             raise SampleLoadError(self.path, "video has no frames")
@@ -458,6 +461,8 @@ class VideoFile:
             if reason:
                 raise SampleLoadError(self.path, reason)
             logger.debug("%s: %d frames decoded, header says %d", self.path, decoded, self.num_frames)
+        import torch
+
         last_ok = max(got)
         frames = [got[k] if k in got else got[last_ok] for k in idx.tolist()]
         return torch.from_numpy(np.stack(frames))
