@@ -26,6 +26,7 @@ import argparse
 import json
 import logging
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -42,7 +43,8 @@ from datasets.transforms import build_transform
 # The dataset's own test-view steps, so that a list file's frame counts are used exactly as test.py uses them.
 from datasets.video_dataset import _frame_count, _test_views
 from features import VIDEO_EXTENSIONS, VideoTextEncoder, find_videos, load_model, read_text_items
-from utils.checkpoint import UnsafeCheckpointError, atomic_write
+from utils.checkpoint import UnsafeCheckpointError, atomic_write, atomic_write_text, remove_stale_tmp
+from utils.lock import FolderLock, FolderLockedError
 
 logger = logging.getLogger("extract_features")
 
@@ -55,6 +57,10 @@ EXPORT_FORMAT = {"format": "t2l-features", "version": 1}
 
 class BadInput(ValueError):
     """Input the run cannot use (missing files, a folder holding another export): exit status 2."""
+
+
+NOT_OURS = "This folder holds files this tool did not write, which it will not overwrite: use another --out folder"
+OUR_ARRAY = re.compile(r"^(shard|frames)_\d{5,}\.npy$")  # shard_name / frames_name
 
 
 # ---------------------------------------------------------------------------------------------- reading
@@ -97,10 +103,6 @@ def collate(items: list) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------- writing
-def atomic_write_text(path: Path, text: str) -> None:
-    atomic_write(path, lambda f: f.write(text.encode("utf-8")))
-
-
 def shard_name(i: int) -> str:
     return f"shard_{i:05d}.npy"
 
@@ -125,8 +127,9 @@ class ShardStore:
     have manifest lines. :meth:`recover` restores the invariant after a kill at any point.
     """
 
-    def __init__(self, out: Path, shard_size: int, per_frame: bool, key_field: str):
+    def __init__(self, out: Path, shard_size: int, per_frame: bool, key_field: str, config_hash: str = ""):
         self.out = out
+        self.config_hash = config_hash  # every manifest line carries it; a line without it is not ours
         self.shard_size = shard_size
         self.per_frame = per_frame
         self.key_field = key_field
@@ -144,12 +147,25 @@ class ShardStore:
         text = manifest.read_text(encoding="utf-8") if manifest.exists() else ""
         if text and not text.endswith("\n"):
             torn = True  # the last append was cut short by a kill: its lines are dropped below
-        for raw in text.splitlines():
+        raw_lines = text.splitlines()
+        for line_no, raw in enumerate(raw_lines, start=1):
             try:
-                lines.append(json.loads(raw))
+                entry = json.loads(raw)
             except json.JSONDecodeError:
+                if line_no < len(raw_lines):  # only the last append can be cut short: anything else is not ours
+                    raise BadInput(f"{manifest}:{line_no}: not a line this tool writes (not JSON): {raw[:80]!r}. "
+                                   f"{NOT_OURS}") from None
                 torn = True
                 logger.warning("%s: dropping a cut-off line (interrupted write)", manifest)
+                continue
+            missing = [k for k in ("shard", "row", self.key_field) if not isinstance(entry, dict) or k not in entry]
+            if missing or not all(isinstance(entry[k], int) for k in ("shard", "row")):
+                raise BadInput(f"{manifest}:{line_no}: not a line this tool writes (no {', '.join(missing) or 'integer shard and row'}"
+                               f"): {raw[:80]!r}. {NOT_OURS}")
+            if self.config_hash and entry.get("config_hash") != self.config_hash:
+                raise BadInput(f"{manifest}:{line_no}: a line of another export (config hash "
+                               f"{entry.get('config_hash')}, this folder's is {self.config_hash}). {NOT_OURS}")
+            lines.append(entry)
         by_shard: dict = {}
         for entry in lines:
             by_shard.setdefault(entry["shard"], []).append(entry)
@@ -169,10 +185,10 @@ class ShardStore:
             atomic_write_text(manifest, "".join(json.dumps(e) + "\n" for e in self.entries))
         wanted = {shard_name(s) for s in keep} | ({frames_name(s) for s in keep} if self.per_frame else set())
         for p in self.out.iterdir():
-            stray = (p.name.startswith(("shard_", "frames_")) and p.name.endswith(".npy") and p.name not in wanted)
-            if stray or (p.name.startswith(".") and p.name.endswith(".tmp")):
+            if OUR_ARRAY.match(p.name) and p.name not in wanted:
                 logger.info("removing %s (not in the manifest: left by an interrupted run)", p.name)
                 p.unlink()
+        remove_stale_tmp(self.out)  # temporary files of a killed atomic write
         self.done = {e[self.key_field] for e in self.entries}
         self.next_shard = max(keep) + 1 if keep else 0
 
@@ -241,14 +257,28 @@ def read_video_entries(args) -> list:
 
 
 def check_or_write_config(out: Path, config: dict) -> None:
-    """Record the export's settings; refuse a folder that holds features made differently."""
+    """Record the export's settings; refuse a folder that holds features made differently, or files not ours.
+
+    Without ``export_config.json`` (which an export writes before anything else) any file under one of the names
+    this tool writes was put there by something else, and is refused rather than overwritten or deleted.
+    """
     path = out / CONFIG
+    if not path.exists():
+        ours = sorted(p.name for p in out.iterdir() if p.name in (MANIFEST, FAILURES, SUMMARY)
+                      or OUR_ARRAY.match(p.name))
+        if ours:
+            raise BadInput(f"{out} holds {', '.join(ours[:5])}{' ...' if len(ours) > 5 else ''} but no {CONFIG}: these "
+                           f"files were not written by extract_features.py (an export writes {CONFIG} first), and "
+                           f"this run would overwrite them. Use another --out folder, or move them away")
     if path.exists():
         try:
             old = json.loads(path.read_text(encoding="utf-8"))
         except (OSError, json.JSONDecodeError) as e:
             raise BadInput(f"{path} is unreadable ({e}); it belongs to an earlier export. Use a new --out folder "
                            f"or delete {out}") from None
+        if not isinstance(old, dict) or old.get("format") != EXPORT_FORMAT["format"]:
+            raise BadInput(f"{path} was not written by extract_features.py (no \"format\": "
+                           f"\"{EXPORT_FORMAT['format']}\"). {NOT_OURS}")
         if old.get("config_hash") != config["config_hash"]:
             diffs = [f"{k}: {old.get('settings', {}).get(k)!r} -> {v!r}" for k, v in config["settings"].items()
                      if old.get("settings", {}).get(k) != v]
@@ -268,7 +298,7 @@ def export_videos(args, encoder: VideoTextEncoder, out: Path) -> dict:
     config_hash = encoder.config_hash(extra)
     check_or_write_config(out, {**extra, "config_hash": config_hash, "model": encoder.identity,
                                 "settings": {**encoder.settings(), **extra}, "embed_dim": encoder.embed_dim})
-    store = ShardStore(out, args.shard_size, args.per_frame, key_field="path")
+    store = ShardStore(out, args.shard_size, args.per_frame, key_field="path", config_hash=config_hash)
     store.recover()
     pending = [e for e in entries if e[0] not in store.done]
     logger.info("%d videos in %s: %d already exported, %d to do", len(entries), args.input,
@@ -327,7 +357,7 @@ def export_texts(args, encoder: VideoTextEncoder, out: Path) -> dict:
     config_hash = encoder.config_hash(extra)
     check_or_write_config(out, {**extra, "config_hash": config_hash, "model": encoder.identity,
                                 "settings": {**encoder.settings(), **extra}, "embed_dim": encoder.embed_dim})
-    store = ShardStore(out, args.shard_size, False, key_field="key")
+    store = ShardStore(out, args.shard_size, False, key_field="key", config_hash=config_hash)
     store.recover()
     keyed = [(f"line {it.line}" if it.line is not None else f"view {it.view} class {it.class_id}", it)
              for it in items]
@@ -423,14 +453,27 @@ def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     validate(args, parser)
-    from utils.logger import setup_logging
-
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         logger.error("--out %s exists and is not a folder", out)
         return 2
     out.mkdir(parents=True, exist_ok=True)
+    try:
+        lock = FolderLock(out, "extract_features.py").acquire()  # one export per folder at a time
+    except FolderLockedError as e:
+        logger.error("%s", e)
+        return 2
+    try:
+        return _run(args, out, lock)
+    finally:
+        lock.release()
+
+
+def _run(args, out: Path, lock: FolderLock) -> int:
+    from utils.logger import setup_logging
+
     setup_logging(str(out), 0, filename="extract_log.txt")
+    lock.log_takeover()
     if args.threads:
         torch.set_num_threads(args.threads)
     try:

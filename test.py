@@ -19,7 +19,9 @@ import numpy as np
 
 import engine
 from utils import distributed
+from utils.checkpoint import atomic_write, atomic_write_text
 from utils.config import check_paths, load_config, save_config
+from utils.lock import lock_output_folder
 from utils.logger import setup_logging
 from utils.metrics import confusion_matrix, per_class_accuracy, save_confusion_png, write_per_class_csv
 from utils.protocols import base_novel_summary, mean_std
@@ -59,12 +61,16 @@ def main(argv=None) -> dict:
     check_paths(cfg, train=False)
     dist_info = distributed.setup(cfg.device)
     out = Path(cfg.output_dir)
-    if dist_info.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-    distributed.barrier()
-    setup_logging(str(out), dist_info.rank, filename="test_log.txt")
     try:
-        return run(cfg, dist_info, out)
+        lock = lock_output_folder(out, "test.py", dist_info)  # one writer per output folder
+        try:
+            setup_logging(str(out), dist_info.rank, filename="test_log.txt")
+            if lock:
+                lock.log_takeover()
+            return run(cfg, dist_info, out)
+        finally:
+            if lock:
+                lock.release()
     finally:
         distributed.cleanup()
 
@@ -105,7 +111,7 @@ def run(cfg, dist_info, out: Path) -> dict:
         # config.yaml describes results.json, so both are written together: a run that fails (bad weights, bad
         # list) leaves an earlier run's pair in the folder as it was.
         save_config(cfg, out / "config.yaml")
-        (out / "results.json").write_text(json.dumps(results, indent=2))
+        atomic_write_text(out / "results.json", json.dumps(results, indent=2), what="results file")
         logger.info("results written to %s\n%s", out / "results.json", results_table(results))
     return results
 
@@ -137,7 +143,9 @@ def write_class_files(res: dict, out: Path, tag: str = "") -> None:
         scores, labels, names = split["_scores"], split["_labels"], split["_names"]
         write_per_class_csv(per_class_accuracy(scores, labels, names), out / f"per_class_{stem}.csv")
         # Per-video class probabilities, for analyses of one's own (retrieval of errors, pairwise accuracy).
-        np.savez_compressed(out / f"scores_{stem}.npz", scores=scores.numpy(), labels=labels.numpy())
+        atomic_write(out / f"scores_{stem}.npz", lambda f: np.savez_compressed(f, scores=scores.numpy(),
+                                                                              labels=labels.numpy()),
+                     what="scores file")
         save_confusion_png(confusion_matrix(scores, labels, len(names)), names, out / f"confusion_{stem}.png",
                            title=f"{res['name']} {split['split']}")
 
@@ -159,6 +167,10 @@ def results_table(results: dict) -> str:
 if __name__ == "__main__":
     try:
         main()
-    except (ValueError, FileNotFoundError, OSError, RuntimeError) as e:
+    except KeyboardInterrupt:
+        logging.getLogger("test").error("interrupted: stopped before the end, so results.json and config.yaml were not "
+                                        "written (a finished run writes them)")
+        sys.exit(130)
+    except (ValueError, FileNotFoundError, OSError, RuntimeError) as e:  # RuntimeError: FolderLockedError too
         logging.getLogger("test").error("%s", e)
         sys.exit(1)
