@@ -43,7 +43,7 @@ from datasets.transforms import build_transform
 # The dataset's own test-view steps, so that a list file's frame counts are used exactly as test.py uses them.
 from datasets.video_dataset import _frame_count, _test_views
 from features import VIDEO_EXTENSIONS, VideoTextEncoder, find_videos, load_model, read_text_items
-from utils.checkpoint import UnsafeCheckpointError, atomic_write, atomic_write_text, remove_stale_tmp
+from utils.checkpoint import UnsafeCheckpointError, atomic_write, atomic_write_text
 from utils.lock import FolderLock, FolderLockedError
 
 logger = logging.getLogger("extract_features")
@@ -61,6 +61,14 @@ class BadInput(ValueError):
 
 NOT_OURS = "This folder holds files this tool did not write, which it will not overwrite: use another --out folder"
 OUR_ARRAY = re.compile(r"^(shard|frames)_\d{5,}\.npy$")  # shard_name / frames_name
+
+
+def _is_our_tmp(name: str) -> bool:
+    """A temporary file of an atomic write of one of this tool's files: ``.<our file name>.<random>.tmp``."""
+    if not (name.startswith(".") and name.endswith(".tmp")) or name.count(".") < 3:
+        return False
+    base = name[1:-len(".tmp")].rsplit(".", 1)[0]
+    return base in (MANIFEST, FAILURES, SUMMARY, CONFIG) or bool(OUR_ARRAY.match(base))
 
 
 # ---------------------------------------------------------------------------------------------- reading
@@ -185,10 +193,9 @@ class ShardStore:
             atomic_write_text(manifest, "".join(json.dumps(e) + "\n" for e in self.entries))
         wanted = {shard_name(s) for s in keep} | ({frames_name(s) for s in keep} if self.per_frame else set())
         for p in self.out.iterdir():
-            if OUR_ARRAY.match(p.name) and p.name not in wanted:
+            if (OUR_ARRAY.match(p.name) and p.name not in wanted) or _is_our_tmp(p.name):
                 logger.info("removing %s (not in the manifest: left by an interrupted run)", p.name)
                 p.unlink()
-        remove_stale_tmp(self.out)  # temporary files of a killed atomic write
         self.done = {e[self.key_field] for e in self.entries}
         self.next_shard = max(keep) + 1 if keep else 0
 
@@ -243,7 +250,8 @@ def read_video_entries(args) -> list:
             raise BadInput(f"{src}: no video files ({' '.join(VIDEO_EXTENSIONS[:6])} ...) and no frame folders "
                            f"(holding {args.image_tmpl.format(args.index_start)}) found")
     elif src.is_file():
-        entries = [(r.path, r.num_frames, r.label) for r in read_list_file(str(src), root=args.root)]
+        records = read_list_file(str(src), root=args.root, allow_outside_root=args.allow_outside_root)
+        entries = [(r.path, r.num_frames, r.label) for r in records]
     else:
         raise BadInput(f"input not found: {src} (expected a list file, a folder of videos or of frame folders)")
     seen, unique = set(), []
@@ -369,7 +377,7 @@ def export_texts(args, encoder: VideoTextEncoder, out: Path) -> dict:
     for i in tqdm(range(0, len(pending), step), desc="texts", unit="batch", disable=args.no_progress,
                   dynamic_ncols=True):
         chunk = pending[i:i + step]
-        emb = encoder.encode_texts([it.text for _, it in chunk]).numpy()
+        emb = encoder.encode_texts([it.text for _, it in chunk], source=os.fspath(args.texts)).numpy()
         for (key, it), e in zip(chunk, emb):
             meta = {"key": key, "text": it.text, "class_id": it.class_id, "class_name": it.class_name,
                     "view": it.view, "line": it.line, **base}
@@ -413,6 +421,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--templates", action="store_true",
                    help="with --texts CLASSES.csv: the 16 prompt templates per class (rows are view-major: v*K+k)")
     p.add_argument("--root", help="folder the list file's relative paths are taken from")
+    p.add_argument("--allow-outside-root", action="store_true",
+                   help="with --root: accept list paths that lead outside it (.., links to other disks)")
     p.add_argument("--frames", type=int, default=None, help="frames per clip (default: the T2L model's, or 8)")
     p.add_argument("--input-size", type=int, default=None, help="frame side in pixels (default: the model's)")
     p.add_argument("--clips", type=int, default=1, help="temporal clips per video, averaged (default 1)")

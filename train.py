@@ -129,10 +129,14 @@ def resume_training(resume, cfg, model, optimizer, scheduler, scaler, steps_per_
     load_t2l_tensors(model, ckpt["model"], source=str(resume))
     saved_groups = [len(g.get("params", [])) for g in ckpt["optimizer"].get("param_groups", [])]
     groups = [len(g["params"]) for g in optimizer.param_groups]
+    if len(saved_groups) != len(groups):
+        raise ValueError(f"{resume} holds an optimiser with {len(saved_groups)} parameter groups, this config makes "
+                         f"{len(groups)}: solver.temporal_token_lr_scale differs from the run's (1 gives 2 groups, any "
+                         f"other value 3). Resume with the run's config, or start over with --no-resume")
     if saved_groups != groups:
-        raise ValueError(f"{resume} holds an optimiser with parameter groups of {saved_groups} tensors, this config "
-                         f"makes {groups}: solver.temporal_token_lr_scale differs from the run's (1 gives 2 groups, "
-                         f"any other value 3). Resume with the run's config, or start over with --no-resume")
+        raise ValueError(f"{resume} holds an optimiser whose parameter groups have {saved_groups} tensors, this "
+                         f"config makes {groups}: the set of trained tensors differs. Resume with the run's config, "
+                         f"or start over with --no-resume")
     # load_state_dict restores the saved hyper-parameters too; this config's win (it is what config.yaml records).
     wanted = [{k: v for k, v in g.items() if k not in ("params", "lr", "initial_lr")} for g in optimizer.param_groups]
     optimizer.load_state_dict(ckpt["optimizer"])
@@ -226,7 +230,8 @@ def train(cfg, args, dist_info, out: Path) -> dict:
     dataset = VideoDataset(cfg.data.train_list, root=cfg.data.root, num_frames=cfg.data.num_frames, mode="train",
                            input_size=cfg.data.input_size, image_tmpl=cfg.data.image_tmpl,
                            index_start=cfg.data.index_start, flip=cfg.data.flip, on_error=cfg.data.on_error,
-                           num_classes=len(class_names), seed=cfg.seed)
+                           num_classes=len(class_names), seed=cfg.seed,
+                           allow_outside_root=cfg.data.allow_outside_root)
     sampler = DistributedSampler(dataset, num_replicas=dist_info.world_size, rank=dist_info.rank, shuffle=True,
                                  seed=cfg.seed, drop_last=True)
     if len(sampler) < cfg.data.batch_size:

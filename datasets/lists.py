@@ -75,8 +75,47 @@ def _parse_line(raw: str, list_path: str, line_no: int) -> VideoRecord:
     return VideoRecord(path, num_frames, label, line_no)
 
 
+class _InsideRoot:
+    """Whether paths stay inside a root folder once ``..`` and symbolic links are resolved.
+
+    The real path of each distinct parent folder is computed once, and each folder is listed once to learn which of
+    its entries are links, so a list of 240,000 videos costs a few hundred system calls, not one per line.
+    """
+
+    def __init__(self, root: str):
+        self.root = os.path.realpath(root)
+        self._real_dirs: dict = {}
+        self._links: dict = {}
+
+    def _links_in(self, folder: str) -> set:
+        if folder not in self._links:
+            try:
+                with os.scandir(folder) as it:
+                    self._links[folder] = {e.name for e in it if e.is_symlink()}
+            except OSError:  # a missing folder: its videos are reported as unreadable when they are read
+                self._links[folder] = set()
+        return self._links[folder]
+
+    def real(self, path: str) -> str:
+        """``os.path.realpath(path)``, cached per parent folder."""
+        trimmed = path.rstrip(os.sep) or os.sep
+        head, name = os.path.split(trimmed)
+        if name in ("", ".", ".."):
+            return os.path.realpath(trimmed)
+        if head not in self._real_dirs:
+            self._real_dirs[head] = os.path.realpath(head or os.curdir)
+        real_head = self._real_dirs[head]
+        if name in self._links_in(real_head):
+            return os.path.realpath(os.path.join(real_head, name))
+        return os.path.join(real_head, name)
+
+    def contains(self, path: str) -> tuple[bool, str]:
+        real = self.real(path)
+        return (self.root == os.sep or real == self.root or real.startswith(self.root + os.sep)), real
+
+
 def read_list_file(path: str, root: Optional[str] = None,
-                   num_classes: Optional[int] = None) -> List[VideoRecord]:
+                   num_classes: Optional[int] = None, allow_outside_root: bool = False) -> List[VideoRecord]:
     """Read a list file into records.
 
     Args:
@@ -84,6 +123,10 @@ def read_list_file(path: str, root: Optional[str] = None,
         root: folder that relative video paths are taken from; ``None`` keeps them as written
             (relative to the working directory). Absolute paths in the list are kept as they are.
         num_classes: when given, every label must lie in ``[0, num_classes)``.
+        allow_outside_root: with a ``root``, every video's final path (joined with the root, ``..`` and symbolic
+            links resolved) must lie inside it, so that a list cannot make a run read files elsewhere (``../..``,
+            a link to ``/etc``); True lifts that check (data linked in from another disk). Without a root there
+            is nothing to check.
 
     Returns:
         One :class:`VideoRecord` per video line, in file order.
@@ -91,11 +134,12 @@ def read_list_file(path: str, root: Optional[str] = None,
     Raises:
         FileNotFoundError: the list file does not exist.
         ListFileError: a malformed line or a label out of range (message ``<file>:<line>: ...``),
-            or a list without any video.
+            a path that leaves the root, or a list without any video.
     """
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"list file not found: {path}")
+    inside = _InsideRoot(os.fspath(root)) if root is not None and not allow_outside_root else None
     records: List[VideoRecord] = []
     with open(path, "r", encoding="utf-8") as f:
         for line_no, raw in enumerate(f, start=1):
@@ -115,6 +159,13 @@ def read_list_file(path: str, root: Optional[str] = None,
             video = os.path.expanduser(rec.path)
             if root is not None and not os.path.isabs(video):
                 video = os.path.join(os.fspath(root), video)
+            if inside is not None:
+                ok, real = inside.contains(video)
+                if not ok:
+                    raise ListFileError(
+                        f"{path}:{line_no}: {rec.path!r} leads outside the data root {root} (to {real}); list paths "
+                        f"must stay inside their root. If the data is meant to be there (a link to another disk), "
+                        f"set data.allow_outside_root: true")
             records.append(VideoRecord(video, rec.num_frames, label, line_no))
     if not records:
         raise ListFileError(f"{path}: the list file has no video lines; expected "

@@ -94,6 +94,7 @@ class VideoDataset(Dataset):
         on_error: ``"skip"`` or ``"raise"`` (see the module docstring).
         num_classes: when given, labels outside ``[0, num_classes)`` are an error at construction.
         seed: base seed; the clip of sample ``i`` in epoch ``e`` depends on ``(seed, e, i)`` only.
+        allow_outside_root: accept list paths that lead outside ``root`` (see :func:`datasets.read_list_file`).
 
     ``ds[i]`` is a dict: ``video`` float32 ``(T, 3, S, S)`` in training, ``(V, T, 3, S, S)`` with
     ``V = num_clips * num_crops`` (clip-major) in testing; ``label`` int (-1 when unknown); ``index``
@@ -103,7 +104,8 @@ class VideoDataset(Dataset):
     def __init__(self, list_file: str, root: Optional[str] = None, num_frames: int = 8,
                  mode: str = "train", input_size: int = 224, image_tmpl: str = "img_{:05d}.jpg",
                  index_start: int = 1, flip: bool = True, num_clips: int = 1, num_crops: int = 1,
-                 on_error: str = "skip", num_classes: Optional[int] = None, seed: int = 0):
+                 on_error: str = "skip", num_classes: Optional[int] = None, seed: int = 0,
+                 allow_outside_root: bool = False):
         if mode not in ("train", "test"):
             raise ValueError(f"mode must be 'train' or 'test', got {mode!r}")
         if on_error not in ("skip", "raise"):
@@ -116,7 +118,8 @@ class VideoDataset(Dataset):
             raise ValueError("num_clips and num_crops are test-time options; training takes one view")
         _check_template(image_tmpl)
         self.list_file = os.fspath(list_file)
-        self.records: List[VideoRecord] = read_list_file(list_file, root=root, num_classes=num_classes)
+        self.records: List[VideoRecord] = read_list_file(list_file, root=root, num_classes=num_classes,
+                                                         allow_outside_root=allow_outside_root)
         self.num_frames = int(num_frames)
         self.mode = mode
         self.input_size = int(input_size)
