@@ -32,6 +32,11 @@ import time
 from pathlib import Path
 from typing import Optional
 
+from utils.lock import FolderLock, FolderLockedError, exit_if_busy
+
+if __name__ == "__main__":  # an export into a busy folder stops here, not after the seconds torch takes to import
+    exit_if_busy("extract_features", sys.argv[1:], folder_option="--out")
+
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
@@ -44,7 +49,6 @@ from datasets.transforms import build_transform
 from datasets.video_dataset import _frame_count, _test_views
 from features import VIDEO_EXTENSIONS, VideoTextEncoder, find_videos, load_model, read_text_items
 from utils.checkpoint import UnsafeCheckpointError, atomic_write, atomic_write_text
-from utils.lock import FolderLock, FolderLockedError
 
 logger = logging.getLogger("extract_features")
 

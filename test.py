@@ -15,13 +15,17 @@ import logging
 import sys
 from pathlib import Path
 
+from utils.lock import exit_if_busy, lock_output_folder
+
+if __name__ == "__main__":  # a run into a busy output folder stops here, not after the seconds torch takes to import
+    exit_if_busy("test", sys.argv[1:])
+
 import numpy as np
 
 import engine
 from utils import distributed
 from utils.checkpoint import atomic_write, atomic_write_text
 from utils.config import check_paths, load_config, save_config
-from utils.lock import lock_output_folder
 from utils.logger import setup_logging
 from utils.metrics import confusion_matrix, per_class_accuracy, save_confusion_png, write_per_class_csv
 from utils.protocols import base_novel_summary, mean_std

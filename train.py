@@ -15,6 +15,11 @@ import sys
 import time
 from pathlib import Path
 
+from utils.lock import FolderLockedError, exit_if_busy, lock_output_folder
+
+if __name__ == "__main__":  # a run into a busy output folder stops here, not after the seconds torch takes to import
+    exit_if_busy("train", sys.argv[1:])
+
 import numpy as np
 import torch
 from torch.nn.parallel import DistributedDataParallel
@@ -27,7 +32,6 @@ from modules import T2LLoss, make_checkpoint, save_published
 from utils import distributed
 from utils.checkpoint import atomic_save, atomic_write_text, remove_stale_tmp, rng_state, safe_load, set_rng_state
 from utils.config import check_paths, load_config, save_config
-from utils.lock import FolderLockedError, lock_output_folder
 from utils.logger import MetricsCSV, WandbLogger, plot_curves, setup_logging
 from utils.schedule import WarmupCosine
 

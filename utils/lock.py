@@ -36,6 +36,12 @@ def _describe(holder: dict) -> str:
             f"started {when}")
 
 
+def _busy(folder, holder: dict) -> FolderLockedError:
+    return FolderLockedError(f"output folder {folder} is in use by another run: {_describe(holder)}. Two runs writing "
+                             f"into one folder would overwrite each other's files; wait for it to end, or choose "
+                             f"another output folder")
+
+
 def _read_holder(fd: int) -> dict:
     try:
         os.lseek(fd, 0, os.SEEK_SET)
@@ -69,10 +75,7 @@ class FolderLock:
             except BlockingIOError:
                 holder = _read_holder(fd)
                 os.close(fd)
-                raise FolderLockedError(
-                    f"output folder {self.folder} is in use by another run: {_describe(holder)}. Two runs writing "
-                    f"into one folder would overwrite each other's files; wait for it to end, or choose another "
-                    f"output folder") from None
+                raise _busy(self.folder, holder) from None
             except OSError as e:
                 os.close(fd)
                 if e.errno in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
@@ -121,6 +124,58 @@ class FolderLock:
 
     def __exit__(self, *exc) -> None:
         self.release()
+
+
+def holder_if_locked(folder: str | os.PathLike) -> Optional[dict]:
+    """The record of the live process holding ``folder``'s lock, or None when it is free; takes no lock."""
+    try:
+        fd = os.open(Path(folder) / LOCK_NAME, os.O_RDWR)
+    except OSError:  # no lock file (or no folder): free
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return _read_holder(fd)
+    except OSError:
+        return None
+    finally:
+        os.close(fd)  # also releases the probe's own lock
+    return None
+
+
+def exit_if_busy(owner: str, argv: list, folder_option: Optional[str] = None) -> None:
+    """Stop a command line at once when its output folder is locked by a live run, before its heavy imports.
+
+    The folder is the value of ``folder_option`` (``--out``) in ``argv``, or else the ``output_dir`` of the config
+    that ``--config``/``--opts`` give. This is only a fast first look, so that a refused run ends in a fraction of
+    a second instead of after the seconds ``import torch`` takes: the run still takes the lock for real later, and
+    anything unparsable here is left for the script's own error messages.
+    """
+    import argparse
+
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        # torchrun: ranks of a later-starting node would find their own rank 0's lock; the real lock decides.
+        return
+    p = argparse.ArgumentParser(add_help=False)
+    if folder_option:
+        p.add_argument(folder_option, dest="folder")
+    else:
+        p.add_argument("--config")
+        p.add_argument("--opts", nargs="*", default=[])
+    try:
+        args, _ = p.parse_known_args(argv)
+        if folder_option:
+            folder = args.folder
+        else:
+            from utils.config import load_config
+
+            folder = load_config(args.config, args.opts).output_dir if args.config else None
+    except (Exception, SystemExit):
+        return
+    holder = holder_if_locked(folder) if folder else None
+    if holder is not None:
+        logging.getLogger(owner).error("%s", _busy(folder, holder))
+        sys.exit(2 if folder_option else 1)  # the script's own status for bad input
 
 
 def lock_output_folder(folder: str | os.PathLike, owner: str, dist_info=None) -> Optional[FolderLock]:
