@@ -172,8 +172,9 @@ class ShardStore:
                 continue
             missing = [k for k in ("shard", "row", self.key_field) if not isinstance(entry, dict) or k not in entry]
             if missing or not all(isinstance(entry[k], int) for k in ("shard", "row")):
-                raise BadInput(f"{manifest}:{line_no}: not a line this tool writes (no {', '.join(missing) or 'integer shard and row'}"
-                               f"): {raw[:80]!r}. {NOT_OURS}")
+                lacks = ", ".join(missing) or "integer shard and row"
+                raise BadInput(f"{manifest}:{line_no}: not a line this tool writes (no {lacks}): {raw[:80]!r}. "
+                               f"{NOT_OURS}")
             if self.config_hash and entry.get("config_hash") != self.config_hash:
                 raise BadInput(f"{manifest}:{line_no}: a line of another export (config hash "
                                f"{entry.get('config_hash')}, this folder's is {self.config_hash}). {NOT_OURS}")

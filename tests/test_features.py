@@ -27,7 +27,8 @@ from datasets import SampleLoadError, VideoDataset  # noqa: E402
 import extract_features  # noqa: E402
 import features  # noqa: E402
 from features import load_model  # noqa: E402
-from modules import build_t2l, class_texts, make_checkpoint, random_clip, save_published, tokenize_class_texts  # noqa: E402,E501
+from modules import build_t2l, class_texts, make_checkpoint, random_clip, save_published  # noqa: E402
+from modules import tokenize_class_texts  # noqa: E402
 from utils.checkpoint import atomic_save  # noqa: E402
 from utils.config import load_config  # noqa: E402
 
