@@ -2,7 +2,9 @@
 
 One GPU, or several with ``torchrun --nproc_per_node N train.py ...`` (also across machines). A run writes into
 ``output_dir``: the resolved ``config.yaml``, ``log.txt``, ``metrics.csv``, ``curves.png``, ``last.pt`` every epoch
-and ``best_<eval set>.pt`` when an evaluation set improves. Rerunning the same command resumes from ``last.pt``.
+and ``best_<eval set>.pt`` when an evaluation set marked ``select_best`` (a validation set, never a test set)
+improves. Rerunning the same command resumes from ``last.pt``; ``network.init_from`` starts from the T2L tensors of
+another checkpoint (ours or a published one).
 """
 from __future__ import annotations
 
@@ -28,11 +30,13 @@ from tqdm import tqdm
 
 import engine
 from datasets import VideoDataset, failure_summary_line
-from modules import T2LLoss, make_checkpoint, save_published
+from modules import T2LLoss, convert_to_fp16_like_published, make_checkpoint, save_published
+from modules.checkpoint import init_from_checkpoint, is_published
 from utils import distributed
 from utils.checkpoint import atomic_save, atomic_write_text, remove_stale_tmp, rng_state, safe_load, set_rng_state
 from utils.config import check_paths, load_config, save_config
 from utils.logger import MetricsCSV, WandbLogger, plot_curves, setup_logging
+from utils.precision import Fp16MasterStep
 from utils.schedule import WarmupCosine
 
 logger = logging.getLogger("train")
@@ -83,6 +87,7 @@ FIXED_ON_RESUME = {
     "network.t2l.text_adapters": "the trained tensors are made for it",
     "network.t2l.train_temporal_embedding": "it changes which tensors are trained, and so the optimiser state",
     "solver.no_decay_for_1d": "it moves tensors between optimiser groups, whose saved state is kept per group",
+    "network.init_from": "it says what the run started from, and the run has started",
 }
 
 
@@ -114,6 +119,10 @@ def resume_training(resume, cfg, model, optimizer, scheduler, scaler, steps_per_
     from modules.checkpoint import check_backbone, load_t2l_tensors
 
     ckpt = safe_load(resume, trust=cfg.network.trust_checkpoint)
+    if isinstance(ckpt, dict) and is_published(ckpt):
+        raise ValueError(f"{resume} is a published T2L checkpoint, not a training checkpoint of this project: "
+                         f"--resume continues a run of train.py (its last.pt). To start training or fine-tuning "
+                         f"from it, set network.init_from: {resume} (--opts network.init_from={resume})")
     check_training_checkpoint(ckpt, resume)
     saved_cfg = ckpt.get("config")
     changes = config_changes(saved_cfg, cfg.to_dict()) if isinstance(saved_cfg, dict) else {}
@@ -146,19 +155,26 @@ def resume_training(resume, cfg, model, optimizer, scheduler, scaler, steps_per_
     optimizer.load_state_dict(ckpt["optimizer"])
     for group, want in zip(optimizer.param_groups, wanted):
         group.update(want)
-    scaler.load_state_dict(ckpt["scaler"])
+    if ckpt["scaler"] or not scaler.is_enabled():
+        scaler.load_state_dict(ckpt["scaler"])
+    else:  # the run trained without a loss scaler (another solver.precision): this one starts a fresh scale
+        logger.info("resume: %s holds no loss-scaler state (trained without fp16 autocast); starting a fresh scale",
+                    resume)
     start_epoch, step = int(ckpt["epoch"]) + 1, int(ckpt["step"])
 
-    saved_sched = ckpt["scheduler"]
+    saved_sched = {"update_every": 1, "steps_per_epoch": 0, **ckpt["scheduler"]}  # states older than these keys
     ours = scheduler.settings()
     differs = {k: (saved_sched.get(k), v) for k, v in ours.items() if saved_sched.get(k) != v}
+    if saved_sched["update_every"] == ours["update_every"] == 1:
+        differs.pop("steps_per_epoch", None)  # only read to hold the lr for update_every steps
     if not differs:
         scheduler.load_state_dict(saved_sched)
     else:
         # Rebuilt from this config: the same position when an epoch still has as many steps, else the start of the
         # resumed epoch in the new schedule.
         old_epochs = (saved_cfg or {}).get("solver", {}).get("epochs")
-        old_per_epoch = saved_sched["total_steps"] // old_epochs if old_epochs else None
+        old_per_epoch = saved_sched["steps_per_epoch"] or (saved_sched["total_steps"] // old_epochs if old_epochs
+                                                            else None)
         position = step if old_per_epoch == steps_per_epoch else start_epoch * steps_per_epoch
         scheduler.set_step(position)
         step = position
@@ -199,6 +215,12 @@ def param_groups(model, cfg):
     return groups
 
 
+def zero_grad(model, optimizer) -> None:
+    """Clear the gradients of the model and of the optimiser's parameters (fp32 copies under fp16-pure)."""
+    optimizer.zero_grad(set_to_none=True)
+    model.zero_grad(set_to_none=True)
+
+
 def main(argv=None) -> dict:
     args = parse_args(argv)
     cfg = load_config(args.config, args.opts)
@@ -230,11 +252,14 @@ def train(cfg, args, dist_info, out: Path) -> dict:
     logger.info("output folder %s; device %s; world size %d", out, device, dist_info.world_size)
 
     # ---- data
-    class_names, tokens = engine.class_tokens(cfg.data.classes, cfg.data.descriptions, cfg.data.text_mode)
+    class_names, tokens = engine.class_tokens(cfg.data.classes, cfg.data.descriptions, cfg.data.text_mode,
+                                              cfg.data.missing_descriptions)
     dataset = VideoDataset(cfg.data.train_list, root=cfg.data.root, num_frames=cfg.data.num_frames, mode="train",
                            input_size=cfg.data.input_size, image_tmpl=cfg.data.image_tmpl,
                            index_start=cfg.data.index_start, flip=cfg.data.flip, on_error=cfg.data.on_error,
-                           num_classes=len(class_names), seed=cfg.seed,
+                           seed=cfg.seed, class_names=class_names, classes_source=cfg.data.classes,
+                           check_labels=cfg.data.check_labels, paths=engine.path_rules(cfg.data.paths),
+                           train_sampling=cfg.data.train_sampling, test_rules=cfg.eval.rules,
                            allow_outside_root=cfg.data.allow_outside_root)
     sampler = DistributedSampler(dataset, num_replicas=dist_info.world_size, rank=dist_info.rank, shuffle=True,
                                  seed=cfg.seed, drop_last=True)
@@ -249,14 +274,28 @@ def train(cfg, args, dist_info, out: Path) -> dict:
                 len(class_names), cfg.data.train_list, len(loader) // cfg.solver.grad_accum)
 
     # ---- model, optimiser, schedule
-    model = engine.build_model(cfg).to(device)
-    optimizer = torch.optim.AdamW(param_groups(model, cfg), lr=cfg.solver.lr, betas=tuple(cfg.solver.betas),
-                                  eps=cfg.solver.eps)
+    resume = args.resume or (None if args.no_resume or not (out / "last.pt").exists() else out / "last.pt")
+    model = engine.build_model(cfg)
+    if cfg.network.init_from and not resume:
+        init_from_checkpoint(model, cfg.network.init_from, trust=cfg.network.trust_checkpoint)
+    fp16_weights = engine.uses_fp16_weights(device, cfg.solver.precision)
+    if fp16_weights:
+        convert_to_fp16_like_published(model)
+    elif cfg.solver.precision == "fp16-pure":
+        logger.info("solver.precision fp16-pure trains in fp32 on %s, as the published code does off a GPU", device)
+    model.to(device)
+    # fp16-pure: the optimiser steps fp32 copies of the fp16 parameters (utils.precision), as published.
+    master = Fp16MasterStep(model.trainable_parameters()) if fp16_weights else None
+    groups = param_groups(model, cfg)
+    optimizer = torch.optim.AdamW(master.swap(groups) if master else groups, lr=cfg.solver.lr,
+                                  betas=tuple(cfg.solver.betas), eps=cfg.solver.eps)
     steps_per_epoch = max(1, len(loader) // cfg.solver.grad_accum)
     scheduler = WarmupCosine(optimizer, total_steps=cfg.solver.epochs * steps_per_epoch,
-                             warmup_steps=int(cfg.solver.warmup_epochs * steps_per_epoch), min_lr=cfg.solver.min_lr)
+                             warmup_steps=int(cfg.solver.warmup_epochs * steps_per_epoch), min_lr=cfg.solver.min_lr,
+                             update_every=cfg.solver.lr_update_every, steps_per_epoch=steps_per_epoch)
     amp_dtype = engine.resolve_precision(device, cfg.solver.precision)
-    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
+    # A gradient scaler for fp16 autocast; the published fp16-pure recipe has none.
+    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16 and not fp16_weights)
     criterion = T2LLoss(tfd_weight=cfg.loss.tfd_weight)
     logger.info("precision %s; optimiser AdamW lr %g%s, weight decay %g; %d epochs", amp_dtype, cfg.solver.lr,
                 "" if cfg.solver.temporal_token_lr_scale == 1.0 else
@@ -265,7 +304,6 @@ def train(cfg, args, dist_info, out: Path) -> dict:
 
     # ---- resume
     start_epoch, step, best, nonfinite_total = 0, 0, {}, 0
-    resume = args.resume or (None if args.no_resume or not (out / "last.pt").exists() else out / "last.pt")
     resumes = []
     if resume:
         state = resume_training(resume, cfg, model, optimizer, scheduler, scaler, steps_per_epoch)
@@ -300,7 +338,7 @@ def train(cfg, args, dist_info, out: Path) -> dict:
         t0 = time.time()
         bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.solver.epochs}", disable=not dist_info.is_main,
                    dynamic_ncols=True)
-        optimizer.zero_grad(set_to_none=True)
+        zero_grad(model, optimizer)
         for i, batch in enumerate(bar):
             videos = batch["video"].to(device, non_blocking=True)
             labels = batch["label"].to(device, non_blocking=True)
@@ -321,7 +359,7 @@ def train(cfg, args, dist_info, out: Path) -> dict:
             if finite.item() < 1.0:
                 nonfinite_total += 1
                 nonfinite_run += 1
-                optimizer.zero_grad(set_to_none=True)
+                zero_grad(model, optimizer)
                 logger.warning("non-finite loss at epoch %d step %d (%s): step skipped (%d in a row, %d in all)",
                                epoch + 1, step, {k: float(v) for k, v in parts.items()}, nonfinite_run,
                                nonfinite_total)
@@ -336,13 +374,17 @@ def train(cfg, args, dist_info, out: Path) -> dict:
             nonfinite_run = 0
             scaler.scale(loss / cfg.solver.grad_accum).backward()
             if (i + 1) % cfg.solver.grad_accum == 0:
+                if master:
+                    master.before_step()
                 if cfg.solver.grad_clip > 0:
                     scaler.unscale_(optimizer)
-                    torch.nn.utils.clip_grad_norm_([p for _, p in model.trainable_parameters()],
+                    torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]],
                                                    cfg.solver.grad_clip)
                 scaler.step(optimizer)
                 scaler.update()
-                optimizer.zero_grad(set_to_none=True)
+                if master:
+                    master.after_step()
+                zero_grad(model, optimizer)
                 scheduler.step()
                 step += 1
             for k in sums:
@@ -373,7 +415,7 @@ def train(cfg, args, dist_info, out: Path) -> dict:
                 row[f"{s.name}_top5"] = res["aggregate"]["top5"]["mean"]
                 logger.info("epoch %d: %s top-1 %.2f%% top-5 %.2f%% mean-class %.2f%%", epoch + 1, s.name, top1,
                             res["aggregate"]["top5"]["mean"], res["aggregate"]["mean_class_acc"]["mean"])
-                if top1 > best.get(s.name, {"top1": -1.0})["top1"]:
+                if s.select_best and top1 > best.get(s.name, {"top1": -1.0})["top1"]:
                     best[s.name] = {"top1": top1, "epoch": epoch + 1}
                     improved.append(s.name)
 
