@@ -197,10 +197,10 @@ def read_list_file(path: str, root: Optional[str] = None, num_classes: Optional[
         num_classes: when given, every label must lie in ``[0, num_classes)``.
         paths: :class:`PathRules` that turn the list's paths into paths on this machine first (published split
             files with the authors' absolute paths).
-        allow_outside_root: with a ``root``, every video's final path (after ``paths``, joined with the root,
-            ``..`` and symbolic links resolved) must lie inside it, so that a list cannot make a run read files
-            elsewhere (``../..``, a link to ``/etc``); True lifts that check (data linked in from another disk).
-            Without a root there is nothing to check.
+        allow_outside_root: with a ``root``, every relative path (after ``paths``) joined with the root must
+            still lie inside it once ``..`` and symbolic links are resolved, so that a list cannot climb out of the
+            root (``../..``, a link to ``/etc``); True lifts that check (data linked in from another disk).
+            Absolute paths, and every path when there is no root, are taken as written.
 
     Returns:
         One :class:`VideoRecord` per video line, in file order.
@@ -243,9 +243,10 @@ def read_list_file(path: str, root: Optional[str] = None, num_classes: Optional[
                         f"{'' if not found else ': ' + ', '.join(found[:3])}")
                 video = found[0]
             video = os.path.expanduser(video)
-            if root is not None and not os.path.isabs(video):
+            joined = root is not None and not os.path.isabs(video)
+            if joined:
                 video = os.path.join(os.fspath(root), video)
-            if inside is not None:
+            if inside is not None and joined:  # an absolute path names its place itself, and is kept
                 ok, real = inside.contains(video)
                 if not ok:
                     raise ListFileError(
