@@ -31,21 +31,12 @@ from utils.schedule import WarmupCosine
 
 import test_train_test as end_to_end
 from test_reliability import _run_as_script, assert_same_checkpoint, metrics_rows, snapshot
+from test_reliability import one_thread_at_the_repo_root  # noqa: F401 (an autouse fixture: one torch thread, cwd)
 from test_train_test import data_opts, train_args
 
 demo = end_to_end.demo
 ROOT = Path(__file__).resolve().parents[1]
 ONE_EPOCH = "solver.epochs=1"
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread_at_the_repo_root():
-    threads, cwd = torch.get_num_threads(), os.getcwd()
-    torch.set_num_threads(1)
-    os.chdir(ROOT)
-    yield
-    torch.set_num_threads(threads)
-    os.chdir(cwd)
 
 
 @pytest.fixture(scope="module")
@@ -239,7 +230,7 @@ def test_a_full_disk_during_test_py_leaves_no_partial_result_and_names_the_file(
 
 
 # ============================================================================ one-line endings
-def test_ctrl_c_in_test_py_ends_with_one_line(demo, one_epoch, tmp_path, monkeypatch, capsys):
+def test_ctrl_c_in_test_py_and_train_py_ends_with_one_line(demo, one_epoch, tmp_path, monkeypatch, capsys):
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
@@ -255,3 +246,10 @@ def test_ctrl_c_in_test_py_ends_with_one_line(demo, one_epoch, tmp_path, monkeyp
     errors = [line for line in err.splitlines() if " ERROR " in line or line.startswith("ERROR")]
     assert len(errors) == 1 and "interrupted" in errors[0], err[-2000:]
     assert not (tmp_path / "out" / LOCK_NAME).exists() and not (tmp_path / "out" / "results.json").exists()
+    # train.py likewise (interrupted while it builds the model).
+    monkeypatch.setattr(engine, "build_model", interrupted)
+    with pytest.raises(SystemExit) as info:
+        _run_as_script("train.py", ["train.py", *train_args(demo, tmp_path / "train")])
+    assert info.value.code == 130
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and re.search(r"ERROR train: interrupted: .*run the same command again", err)
