@@ -25,7 +25,7 @@ import numpy as np
 import engine
 from modules import convert_to_fp16_like_published
 from utils import distributed
-from utils.checkpoint import atomic_write, atomic_write_text
+from utils.checkpoint import atomic_write, atomic_write_text, remove_stale_tmp
 from utils.config import check_paths, load_config, save_config
 from utils.logger import setup_logging
 from utils.metrics import confusion_matrix, per_class_accuracy, save_confusion_png, write_per_class_csv
@@ -72,6 +72,7 @@ def main(argv=None) -> dict:
             setup_logging(str(out), dist_info.rank, filename="test_log.txt")
             if lock:
                 lock.log_takeover()
+                remove_stale_tmp(out)  # unfinished result files of a killed run (never read); the folder is ours now
             return run(cfg, dist_info, out)
         finally:
             if lock:
