@@ -278,6 +278,7 @@ def train(cfg, args, dist_info, out: Path) -> dict:
     model = engine.build_model(cfg)
     if cfg.network.init_from and not resume:
         init_from_checkpoint(model, cfg.network.init_from, trust=cfg.network.trust_checkpoint)
+        logger.info("T2L tensors initialised from %s (network.init_from)", cfg.network.init_from)
     fp16_weights = engine.uses_fp16_weights(device, cfg.solver.precision)
     if fp16_weights:
         convert_to_fp16_like_published(model)

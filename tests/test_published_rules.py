@@ -321,3 +321,86 @@ def test_a_published_config_converts_with_every_key_accounted_for(tmp_path):
     run = subprocess.run([sys.executable, "-m", "utils.config", "convert", str(bad)], cwd=repo, capture_output=True,
                          text=True)
     assert run.returncode == 2 and f"error: {bad}" in run.stderr and not run.stdout
+
+
+# ----------------------------------------------------------------------------------------------- training from them
+def test_a_published_checkpoint_starts_training_and_is_refused_by_resume(published_hmdb, tmp_path, monkeypatch):
+    from pathlib import Path
+
+    import engine
+    import train as train_script
+    from modules import CheckpointError
+    from modules.checkpoint import init_from_checkpoint, published_to_ours, read_checkpoint
+    from utils.config import load_config
+
+    monkeypatch.chdir(Path(__file__).resolve().parents[1])
+    weights = _tiny_published_checkpoint(TINY, tmp_path / "published.pth")
+    cfg = load_config("configs/demo/demo_train.yaml", TINY)
+    model = engine.build_model(cfg)
+    init_from_checkpoint(model, weights)
+    _, t2l_sd = published_to_ours(read_checkpoint(weights)["model_state_dict"])
+    for name, p in model.named_parameters():
+        if not name.startswith("clip."):
+            assert torch.equal(p.detach(), t2l_sd[name].float()), name
+    # another frozen CLIP (another seed) is not the published model: refused, naming a tensor
+    other = engine.build_model(load_config("configs/demo/demo_train.yaml", TINY + ["network.random_seed=5"]))
+    with pytest.raises(CheckpointError, match=r"its frozen CLIP differs from network.pretrained's in \d+ tensor"):
+        init_from_checkpoint(other, weights)
+    # train.py: --resume refuses it, naming the option to use; network.init_from trains from it
+    lst = tmp_path / "train.txt"
+    root = published_hmdb["root"]
+    lst.write_text("".join(f"{root / name} 0 {label}\n" for name, label in HMDB_VIDEOS))
+    opts = TINY + [f"output_dir={tmp_path / 'run'}", f"data.train_list={lst}", "data.root=null",
+                   "data.classes=lists/published_order/hmdb51_classes.csv",
+                   f"data.descriptions={published_hmdb['descriptions']}", "data.batch_size=5", "solver.epochs=1",
+                   "eval.sets=[]"]
+    with pytest.raises(ValueError, match=r"published T2L checkpoint.*set network.init_from"):
+        train_script.main(["--config", "configs/demo/demo_train.yaml", "--resume", str(weights), "--opts", *opts])
+    summary = train_script.main(["--config", "configs/demo/demo_train.yaml", "--opts", *opts,
+                                 f"network.init_from={weights}"])
+    assert summary["steps"] == 2
+    assert f"T2L tensors initialised from {weights} (network.init_from)" in (tmp_path / "run" / "log.txt").read_text()
+
+
+# ----------------------------------------------------------------------------------------------- K-600, both ways
+@pytest.mark.parametrize("config, classes_file, count, over", [
+    ("configs/K-600/K-600_zero_shot_testing.yaml", "lists/kinetics_600_new_220_classes.csv", 3, "class subsets"),
+    ("configs/published/k600_zero_shot.yaml", "lists/published_order/kinetics_600_exclusive_232_classes.csv", 1,
+     "splits"),
+])
+def test_both_k600_protocols_run_from_their_configs(config, classes_file, count, over, tmp_path, monkeypatch):
+    """The standard form (220 new classes, three subsets of 160) and the published one (232 classes at once): each
+    config as shipped, with only where the data lies changed."""
+    import json
+    from pathlib import Path
+
+    import yaml
+
+    import test as test_script
+
+    repo = Path(__file__).resolve().parents[1]
+    monkeypatch.chdir(repo)
+    names = _names(repo / classes_file)
+    root = tmp_path / "k600_frames"
+    lines = []
+    for k, label in enumerate([0, 5, 17, 100, 150, 219, 7, 42]):
+        rel = f"{names[label].replace(' ', '_')}/vid{k:03d}_000010_000020"
+        _frames(root / rel, 10 + k, seed=k)
+        lines.append(f"{rel} {10 + k} {label}")
+    lst = tmp_path / "val.txt"
+    lst.write_text("\n".join(lines) + "\n")
+    cfg = yaml.safe_load((repo / config).read_text())
+    cfg["extends"] = str((repo / config).parent / cfg["extends"])
+    s = cfg["eval"]["sets"][0]
+    assert s["classes"] == classes_file and len(names) == (232 if "published" in config else 220)
+    s.update(lists=[str(lst)], root=str(root), paths={"keep_last": 0}, descriptions="lists/kinetics_600_descriptions.csv")
+    mine = tmp_path / "k600.yaml"
+    mine.write_text(yaml.safe_dump(cfg))
+    weights = _tiny_published_checkpoint(TINY, tmp_path / "published.pth")
+    res = test_script.main(["--config", str(mine), "--weights", str(weights), "--opts", *TINY,
+                            f"output_dir={tmp_path / 'out'}"])
+    entry = res["results"][s["name"]]
+    assert entry["num_classes"] == len(names) and entry["num_videos"] == 8
+    assert (entry["aggregate"]["count"], entry["aggregate"]["over"]) == (count, over)
+    written = json.loads((tmp_path / "out" / "results.json").read_text())["results"][s["name"]]
+    assert written["num_classes"] == len(names)
