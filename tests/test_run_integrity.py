@@ -36,14 +36,14 @@ from test_train_test import data_opts, train_args
 
 demo = end_to_end.demo
 ROOT = Path(__file__).resolve().parents[1]
-ONE_EPOCH = "solver.epochs=1"
+ONE_EPOCH = ("solver.epochs=1", "eval.every=0")  # short: no evaluation
 
 
 @pytest.fixture(scope="module")
 def one_epoch(demo, tmp_path_factory):
     """An undisturbed one-epoch run: the reference of the concurrent-run test, the checkpoint of the resume tests."""
     out = tmp_path_factory.mktemp("one_epoch")
-    train_script.main(train_args(demo, out, ONE_EPOCH))
+    train_script.main(train_args(demo, out, *ONE_EPOCH))
     return out
 
 
@@ -54,7 +54,7 @@ def subprocess_env():
 # ============================================================================ one writer per output folder
 def test_a_second_train_run_into_a_busy_folder_stops_at_once_and_the_first_is_undisturbed(demo, one_epoch, tmp_path):
     out = tmp_path / "busy"
-    first = subprocess.Popen([sys.executable, "train.py", *train_args(demo, out, ONE_EPOCH)], cwd=ROOT,
+    first = subprocess.Popen([sys.executable, "train.py", *train_args(demo, out, *ONE_EPOCH)], cwd=ROOT,
                              env=subprocess_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.time() + 120
@@ -64,7 +64,7 @@ def test_a_second_train_run_into_a_busy_folder_stops_at_once_and_the_first_is_un
         start = time.perf_counter()
         with pytest.raises(FolderLockedError, match=rf"output folder {re.escape(str(out))} is in use by another run: "
                                                     rf"pid {first.pid} on .*train.py"):
-            train_script.main(train_args(demo, out, ONE_EPOCH))
+            train_script.main(train_args(demo, out, *ONE_EPOCH))
         assert time.perf_counter() - start < 5
         assert first.poll() is None, "the second run must have met the first one running"
     finally:
@@ -150,7 +150,7 @@ def test_a_resume_with_a_setting_the_checkpoint_cannot_follow_stops_before_train
     shutil.copytree(one_epoch, out)
     before = snapshot(out)
     with pytest.raises(ValueError, match=named):
-        train_script.main(train_args(demo, out, ONE_EPOCH, opt))
+        train_script.main(train_args(demo, out, *ONE_EPOCH, opt))
     after = snapshot(out)
     assert {k: v for k, v in after.items() if k != "log.txt"} == {k: v for k, v in before.items() if k != "log.txt"}
 
