@@ -188,15 +188,15 @@ def test_segments_threshold_and_minimum_length():
     assert [s.label for s in segs] == [0, 1, -1, 2]
     labels = timeline.frame_labels(segs, 70)
     assert labels.shape == (70,) and (labels[35:45] == -1).all() and (labels[:25] == 0).all()
-    # minimum length 1.5 s = 15 frames: the 10-frame segments go, shortest first, each to the neighbour whose class
-    # its windows score higher: window 2 (class b, 0.7) -> a (0.2) or a (0.45 in window 3 ...) -- here both
-    # neighbours are a after the first merge
+    # minimum length 1.5 s = 15 frames: the 10-frame segments go, shortest (then earliest) first: b's neighbours
+    # are both a, and then the second a joins the first
     segs = timeline.find_segments(tl, min_segment=1.5)
     assert [(s.start, s.end, s.label) for s in segs] == [(0, 45, 0), (45, 70, 2)]
-    # a short segment between two classes goes to the one its windows favour (c: 0.15 > b: ... see window 3)
-    p2 = [[.8, .1, .1], [.8, .1, .1], [.1, .3, .6], [.1, .1, .8], [.1, .1, .8]]
-    segs = timeline.find_segments(_timeline(p2, [0, 10, 20, 30, 40], 20, 60), min_segment=1.5)
-    assert [(s.start, s.end, s.label) for s in segs] == [(0, 25, 0), (25, 60, 2)]
+    # a short segment between two classes goes to the one its windows score higher
+    for middle, expected in (([.1, .5, .4], [(0, 25, 0), (25, 60, 2)]), ([.4, .5, .1], [(0, 35, 0), (35, 60, 2)])):
+        p2 = [[.8, .1, .1], [.8, .1, .1], middle, [.1, .1, .8], [.1, .1, .8]]
+        segs = timeline.find_segments(_timeline(p2, [0, 10, 20, 30, 40], 20, 60), min_segment=1.5)
+        assert [(s.start, s.end, s.label) for s in segs] == expected
     with pytest.raises(ValueError, match="threshold"):
         timeline.find_segments(tl, threshold=1.5)
 
