@@ -203,9 +203,11 @@ def _card(config: dict, source_name: str, extra: dict) -> str:
              f"blocks x {cc.get('transformer_width')}; embedding {cc.get('embed_dim')} |",
              f"| frames per clip | {config['num_frames']} |",
              f"| T2L options | {', '.join(f'{k}={v}' for k, v in sorted(config['options'].items()))} |",
-             f"| trainable parameters | {config.get('trainable_parameters'):,} |",
+             f"| T2L parameters | {config['t2l_parameters']:,}" + (
+                 f" ({config['trainable_parameters']:,} trained; the rest is the temporal embedding, kept for the "
+                 f"checkpoint layout)" if config['trainable_parameters'] != config['t2l_parameters'] else "") + " |",
              f"| `{WEIGHTS_FILE}` | {weights} (SHA-256 `{config['weights_sha256']}`) |",
-             f"| exported from | `{source_name}`" + (f" (SHA-256 `{config['source']['sha256']}`)"
+             f"| exported from | `{config['source']['file']}`" + (f" (SHA-256 `{config['source']['sha256']}`)"
                                                      if config["source"].get("sha256") else "") + " |"]
     if extra.get("epoch") is not None:
         lines.append(f"| trained for | {int(extra['epoch']) + 1} epoch(s) |")
@@ -277,13 +279,19 @@ def export_model_folder(src: PathLike, out_dir: PathLike, full: bool = False, tr
               "options": model.options.to_dict(), "backbone": backbone, "clip_config": model.clip.config.to_dict(),
               "embed_dim": int(model.clip.visual.output_dim),
               "input_resolution": int(model.clip.visual.input_resolution),
-              "trainable_parameters": int(sum(v.numel() for v in model.trainable_state_dict().values())),
+              "t2l_parameters": int(sum(v.numel() for v in model.trainable_state_dict().values())),
+              "trainable_parameters": int(sum(p.numel() for n, p in model.named_parameters()
+                                              if not n.startswith(CLIP_PREFIX) and p.requires_grad)),
               "source": {"file": src.name, "sha256": _sha256(src) if src.is_file() else None,
                          "epoch": extra.get("epoch")}}
     out.mkdir(parents=True, exist_ok=True)
-    atomic_write(out / WEIGHTS_FILE, lambda f: f.write(blob))
-    atomic_write(out / CONFIG_FILE, lambda f: f.write((json.dumps(config, indent=2, sort_keys=True) + "\n").encode()))
-    atomic_write(out / CARD_FILE, lambda f: f.write(_card(config, out.name, extra).encode("utf-8")))
+    files = {WEIGHTS_FILE: blob, CONFIG_FILE: (json.dumps(config, indent=2, sort_keys=True) + "\n").encode(),
+             CARD_FILE: _card(config, out.name, extra).encode("utf-8")}
+    umask = os.umask(0)
+    os.umask(umask)
+    for file_name, data in files.items():  # the weights first: a folder whose config is there has its weights
+        atomic_write(out / file_name, lambda f: f.write(data))
+        os.chmod(out / file_name, 0o666 & ~umask)  # a folder to share: readable as any new file is, not 0600
     logger.info("wrote model folder %s: %s (%d tensors, %.1f MB), %s, %s", out, WEIGHTS_FILE, len(tensors),
                 len(blob) / 1e6, CONFIG_FILE, CARD_FILE)
     return config

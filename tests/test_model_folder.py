@@ -154,6 +154,14 @@ def test_test_py_loads_a_folder_and_scores_as_the_checkpoint(ckpt, tmp_path, inp
     clips = inputs[0][:, 0]
     with torch.no_grad():
         assert torch.equal(a.encode_video(clips)[0], b.encode_video(clips)[0])
+    # test.py's input check takes a folder as --weights (and still names a missing one)
+    from utils.config import ConfigError, check_paths
+
+    check_paths(load_config(str(REPO / "configs/demo/demo_test.yaml"), ["eval.sets=[]",
+                                                                       f"test.weights={json.dumps([str(out)])}"]), False)
+    with pytest.raises(ConfigError, match="test.weights.0.: .*nowhere does not exist"):
+        check_paths(load_config(str(REPO / "configs/demo/demo_test.yaml"),
+                                ["eval.sets=[]", f"test.weights={json.dumps([str(tmp_path / 'nowhere')])}"]), False)
     # a folder trained on another random CLIP than the config's is refused, as a checkpoint is
     cfg_other = load_config(str(REPO / "configs/demo/demo_test.yaml"),
                             [*random_clip_opts(TINY), "network.random_seed=4", "data.input_size=32"])
