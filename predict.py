@@ -11,7 +11,7 @@ way (the model's frames sampled over the window as at test time), and --out gets
 segments.csv (runs where the top class holds, --threshold, --min-segment), timeline.json, probabilities.npy and
 timeline.png. The video is decoded once, front to back, without holding it in memory.
 Exit status: 0 done, 1 the video broke off while decoding (the timeline so far is written), 2 bad input (missing
-file, unreadable video, empty class list, unusable model).
+file, unreadable video, empty class list, unusable model), 130 interrupted (the windows scored so far are written).
 """
 from __future__ import annotations
 
@@ -20,6 +20,7 @@ import json
 import logging
 import os
 import sys
+from pathlib import Path
 
 import torch
 
@@ -174,12 +175,15 @@ def _print_timeline(args, tl, segments, paths) -> int:
     import timeline
 
     if args.json:
-        print(open(paths["json"], encoding="utf-8").read(), end="")
+        print(Path(paths["json"]).read_text(encoding="utf-8"), end="")
     else:
         print(f"video: {args.video} ({tl.num_frames} frames" + (f", {tl.num_frames / tl.fps:.1f} s" if tl.fps else "")
               + f"), {len(tl.windows)} windows, {len(segments)} segments")
         print(timeline.segments_table(tl, segments))
         print(f"written: {', '.join(paths.values())}")
+    if tl.interrupted:
+        print(f"predict.py: interrupted; the {len(tl.windows)} windows scored so far are written", file=sys.stderr)
+        return 130
     if not tl.complete:
         print(f"predict.py: the video broke off while decoding ({tl.error}); the timeline covers its first "
               f"{tl.num_frames} frames", file=sys.stderr)

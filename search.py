@@ -153,12 +153,21 @@ class Collection:
 
 
 # ---------------------------------------------------------------------------------------------- exact search
-def _merge_topk(scores: np.ndarray, rows: np.ndarray, k: int) -> tuple:
-    """Per query (row of the arrays), the k best (score desc, then row asc); arrays (Q, m) -> (Q, min(k, m))."""
+def _topk(scores: np.ndarray, rows: np.ndarray, k: int) -> tuple:
+    """Per query (row of the arrays), the k best by score, ties by the lower row; (Q, m) -> (Q, min(k, m)), best first."""
     k = min(k, scores.shape[1])
     if k < scores.shape[1]:
         part = np.argpartition(-scores, k - 1, axis=1)[:, :k]
-        scores, rows = np.take_along_axis(scores, part, 1), np.take_along_axis(rows, part, 1)
+        sel_s, sel_r = np.take_along_axis(scores, part, 1), np.take_along_axis(rows, part, 1)
+        kth = sel_s.min(axis=1, keepdims=True)
+        # argpartition picks arbitrarily among scores tied with the k-th: redo those (rare) queries by row
+        for q in np.flatnonzero((scores == kth).sum(1) > (sel_s == kth).sum(1)):
+            above = np.flatnonzero(scores[q] > kth[q, 0])
+            tied = np.flatnonzero(scores[q] == kth[q, 0])
+            tied = tied[np.argsort(rows[q, tied], kind="stable")][:k - len(above)]
+            keep = np.concatenate([above, tied])
+            sel_s[q], sel_r[q] = scores[q, keep], rows[q, keep]
+        scores, rows = sel_s, sel_r
     order = np.lexsort((rows, -scores), axis=1)
     return np.take_along_axis(scores, order, 1), np.take_along_axis(rows, order, 1)
 
@@ -167,7 +176,7 @@ def exact_search(chunks, queries: np.ndarray, k: int) -> tuple:
     """Top-k rows by inner product for every query, exactly: (scores (Q, k), rows (Q, k)), best first.
 
     ``chunks``: an iterable of (first row, (n, E) array), as :meth:`Collection.chunks` gives; or one (N, E) array.
-    Ties are broken by the lower row. Memory: one chunk's (n, Q) scores at a time.
+    Ties are broken by the lower row. Memory: one chunk's (Q, n) scores at a time.
     """
     if isinstance(chunks, np.ndarray):
         chunks = [(0, chunks)]
@@ -175,10 +184,10 @@ def exact_search(chunks, queries: np.ndarray, k: int) -> tuple:
     best_s = np.empty((q.shape[0], 0), np.float32)
     best_r = np.empty((q.shape[0], 0), np.int64)
     for first, chunk in chunks:
-        s = np.asarray(chunk, dtype=np.float32) @ q.T  # (n, Q)
-        r = np.broadcast_to(np.arange(first, first + s.shape[0], dtype=np.int64), (q.shape[0], s.shape[0]))
-        cand_s, cand_r = _merge_topk(np.ascontiguousarray(s.T), np.ascontiguousarray(r), k)
-        best_s, best_r = _merge_topk(np.concatenate([best_s, cand_s], 1), np.concatenate([best_r, cand_r], 1), k)
+        s = np.ascontiguousarray((np.asarray(chunk, dtype=np.float32) @ q.T).T)  # (Q, n)
+        r = np.broadcast_to(np.arange(first, first + s.shape[1], dtype=np.int64), s.shape)  # a view, no copy
+        cand_s, cand_r = _topk(s, r, k)
+        best_s, best_r = _topk(np.concatenate([best_s, cand_s], 1), np.concatenate([best_r, cand_r], 1), k)
     return best_s, best_r
 
 

@@ -69,6 +69,7 @@ class Timeline:
     names: list
     complete: bool = True
     error: str = ""
+    interrupted: bool = False
     seconds: float = 0.0
     max_cached_frames: int = 0
     info: dict = field(default_factory=dict)
@@ -205,9 +206,19 @@ def score_timeline(encoder, video: PathLike, text_emb: torch.Tensor, names: Sequ
         tl.complete, tl.error = False, e.reason or str(e)
         logger.error("%s; the timeline covers the %d windows read before (up to frame %d)", e, len(tl.windows),
                      tl.windows[-1].end)
+    except KeyboardInterrupt:  # Ctrl-C: keep what was decoded and scored, so that the caller can write it
+        tl.complete, tl.error, tl.interrupted = False, "interrupted", True
+        if batch:
+            try:
+                flush()
+            except KeyboardInterrupt:  # a second Ctrl-C: stop now, with the batches done before
+                pass
+        logger.error("interrupted after %d of %d windows", len(tl.windows), len(windows))
     finally:
         bar.close()
     tl.num_frames = stream.length or total  # fewer than the header said when the stream ended or broke off early
+    if tl.interrupted:
+        tl.num_frames = tl.windows[-1].end if tl.windows else 0  # the timeline covers what was scored
     tl.probs = probs[:len(tl.windows)]
     tl.seconds = time.perf_counter() - start
     tl.max_cached_frames = stream.max_cached
@@ -367,6 +378,7 @@ def plot_timeline(tl: Timeline, segments: Sequence[Segment], path: PathLike, max
     import matplotlib
 
     matplotlib.use("Agg")
+    import matplotlib.patches  # noqa: F401  (the legend's patches)
     import matplotlib.pyplot as plt
 
     K = len(tl.names)
@@ -376,7 +388,7 @@ def plot_timeline(tl: Timeline, segments: Sequence[Segment], path: PathLike, max
     scale, unit = (1.0 / tl.fps, "s") if tl.fps else (1.0, "frame")
     x_end = tl.num_frames * scale
     cmap = plt.get_cmap("tab20")
-    fig, (ax, strip) = plt.subplots(2, 1, figsize=(12, 1.2 + 0.3 * len(shown)), sharex=True,
+    fig, (ax, strip) = plt.subplots(2, 1, figsize=(12, 2.2 + 0.3 * len(shown)), sharex=True,
                                     gridspec_kw={"height_ratios": [max(1, len(shown)), 1.2]})
     bounds = _boundaries(tl.windows, tl.num_frames) * scale  # each window drawn over the frames it owns
     img = ax.pcolormesh(bounds, np.arange(len(shown) + 1), tl.probs[:, shown].T, cmap="viridis", vmin=0, vmax=1,
@@ -388,17 +400,22 @@ def plot_timeline(tl: Timeline, segments: Sequence[Segment], path: PathLike, max
     fig.colorbar(img, ax=[ax, strip], fraction=0.02, pad=0.01, label="probability")
     for s in segments:
         colour = (0.85, 0.85, 0.85) if s.label == NO_LABEL else cmap(s.label % 20)
-        strip.barh(0, (s.end - s.start) * scale, left=s.start * scale, color=colour, edgecolor="white", height=1)
         width = (s.end - s.start) * scale
-        if width > x_end / 40:
-            strip.text((s.start * scale) + width / 2, 0, "-" if s.label == NO_LABEL else tl.names[s.label],
-                       ha="center", va="center", fontsize=6, rotation=90 if width < x_end / 12 else 0, clip_on=True)
+        strip.barh(0, width, left=s.start * scale, color=colour, edgecolor="white", linewidth=0.5, height=1)
+        if width > x_end / 12:  # room for the name; narrower segments are read off the legend's colours
+            strip.text(s.start * scale + width / 2, 0, "-" if s.label == NO_LABEL else tl.names[s.label],
+                       ha="center", va="center", fontsize=7, clip_on=True)
+    labels = sorted({s.label for s in segments})
+    handles = [matplotlib.patches.Patch(color=(0.85, 0.85, 0.85) if c == NO_LABEL else cmap(c % 20),
+                                        label="no class" if c == NO_LABEL else tl.names[c]) for c in labels[:24]]
+    strip.legend(handles=handles, loc="upper center", bbox_to_anchor=(0.5, -0.9), ncol=min(6, len(handles)),
+                 fontsize=7, frameon=False)
     strip.set_yticks([0], ["segments"], fontsize=8)
     strip.set_xlim(0, x_end)
     strip.set_xlabel(f"time ({unit})")
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=100)
+    fig.savefig(tmp, dpi=100, bbox_inches="tight")
     plt.close(fig)
     os.replace(tmp, path)
 

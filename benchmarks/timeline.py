@@ -5,6 +5,9 @@
     # memory over a 30-minute 320x240 video (generated cheaply into --work, deleted afterwards) and windows/s
     python benchmarks/timeline.py memory --model demo_output/train/last.pt --classes demo_data/classes.csv \\
         --minutes 30 --work /tmp/tl
+    # windows/s of a full-size model (T2L on a random ViT-B/16 CLIP, 224 px) over 2 minutes of video
+    python benchmarks/timeline.py memory --random-size ViT-B/16 --classes demo_data/classes.csv --minutes 2 \\
+        --work /tmp/tl
 
 accuracy: the validation videos (unseen in training) are put end to end in a seeded random order, ``--clips-per-action``
 clips of one class after another (an action lasts that many clips), and re-encoded as one video; the truth is the
@@ -22,6 +25,7 @@ import logging
 import os
 import sys
 import time
+import tracemalloc
 from pathlib import Path
 
 import numpy as np
@@ -143,9 +147,25 @@ def make_long_video(path: Path, minutes: float, fps: int = 25, width: int = 320,
     return n
 
 
+def random_checkpoint(size: str, work: Path) -> str:
+    """A T2L checkpoint on a random CLIP of one of benchmarks/throughput.py's sizes (speed only: no trained weights)."""
+    from benchmarks.throughput import SIZES
+    from modules import build_t2l, make_checkpoint, random_clip
+    from utils.checkpoint import atomic_save
+
+    path = work / f"random_{size.replace('/', '-')}.pt"
+    if not path.exists():
+        model = build_t2l(random_clip(SIZES[size], seed=0), num_frames=8)
+        atomic_save(make_checkpoint(model, backbone={"name_or_path": "random", "seed": 0,
+                                                     "config": dict(SIZES[size])}), path)
+    return str(path)
+
+
 def memory(args) -> dict:
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
+    if args.random_size:
+        args.model = random_checkpoint(args.random_size, work)
     video = work / f"long_{args.minutes:g}min.mp4"
     t0 = time.perf_counter()
     n = make_long_video(video, args.minutes)
@@ -154,10 +174,13 @@ def memory(args) -> dict:
     encoder = load_model(args.model, device="cpu")
     classes = read_class_texts(args.classes, descriptions=args.descriptions)
     text_emb = encoder.encode_class_texts(classes)
-    marks = [m for m in (1, 10, 30, 60) if m <= args.minutes] + ([args.minutes] if args.minutes not in (1, 10, 30, 60)
-                                                                  else [])
+    # the last mark one minute before the end too: the final, shorter batch is a new tensor shape for the model's
+    # kernels, which costs a few MB once, whatever the length of the video
+    marks = sorted({m for m in (1, 10, 30, 60) if m <= args.minutes} | {args.minutes, max(1, args.minutes - 1)})
     before = rss_mb()
     samples, at_marks = [], {}
+    if args.tracemalloc:
+        tracemalloc.start()
 
     def on_batch(done, tl):
         last = tl.windows[-1]
@@ -167,6 +190,9 @@ def memory(args) -> dict:
         for m in marks:
             if m not in at_marks and minute >= m - 1e-9:
                 at_marks[m] = {"rss_mb": round(rss, 1), "peak_rss_mb": round(peak, 1), "windows": done}
+                if args.tracemalloc:  # Python-level allocations (numpy arrays included), now and at most so far
+                    now, top = tracemalloc.get_traced_memory()
+                    at_marks[m].update(traced_mb=round(now / 2**20, 2), traced_peak_mb=round(top / 2**20, 2))
 
     try:
         tl = score_timeline(encoder, video, text_emb, classes.names, window=args.window, stride=args.stride,
@@ -177,12 +203,14 @@ def memory(args) -> dict:
     after = rss_mb()
     rss = [s[1] for s in samples]
     return {"video": {"minutes": args.minutes, "frames": n, "size": "320x240", "fps": 25, "generation_s": round(made)},
+            "model": args.random_size or args.model, "input_size": encoder.input_size,
             "window": args.window, "stride": args.stride, "windows": len(tl.windows),
-            "seconds": round(tl.seconds, 1), "windows_per_second": round(tl.windows_per_second, 1),
+            "seconds": round(tl.seconds, 1), "windows_per_second": round(tl.windows_per_second, 3),
             "decoded_frames_per_second": round(n / tl.seconds, 1), "max_cached_frames": tl.max_cached_frames,
             "rss_before_mb": round(before[0], 1), "rss_at": at_marks, "rss_min_mb": min(rss), "rss_max_mb": max(rss),
             "peak_rss_end_mb": round(after[1], 1), "threads": torch.get_num_threads(),
-            "whole_video_decoded_would_be_mb": round(n * 320 * 240 * 3 / 2**20), "samples_every_batch": samples[::50]}
+            "whole_video_decoded_would_be_mb": round(n * 320 * 240 * 3 / 2**20),
+            "samples_minute_rss_peak": samples[::max(1, len(samples) // 20)] + samples[-3:]}
 
 
 def main(argv=None) -> int:
@@ -205,6 +233,9 @@ def main(argv=None) -> int:
     m.add_argument("--window", default="2s")
     m.add_argument("--stride", default="1s")
     m.add_argument("--keep-video", action="store_true")
+    m.add_argument("--tracemalloc", action="store_true", help="also trace Python allocations (slower)")
+    m.add_argument("--random-size", help="instead of --model: T2L on a random CLIP of this size (ViT-B/16 ...), for "
+                                         "the speed of a full-size model")
     for q in (a, m):
         q.add_argument("--work", required=True, help="scratch folder for the generated video (outside the repo)")
         q.add_argument("--batch-size", type=int, default=16)

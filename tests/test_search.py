@@ -170,6 +170,12 @@ def test_exact_search_merges_shards_and_skips_incomplete_ones(tmp_path, caplog):
         order = np.lexsort((np.arange(230), -full[q]))[:12]
         assert rows[q].tolist() == order.tolist()
         np.testing.assert_allclose(scores[q], full[q, order], rtol=0, atol=1e-6)
+    # the same video exported under several names: equal scores, the lower rows first, across shard boundaries
+    # (small integers, so that every dot product is exact whatever the summation order)
+    dup = rng.integers(-3, 4, (230, 16)).astype(np.float32)
+    dup[[48, 49, 120, 229]] = dup[7]
+    scores, rows = search.exact_search([(i, dup[i:i + 50]) for i in range(0, 230, 50)], dup[7][None] * 9, 3)
+    assert rows[0].tolist() == [7, 48, 49] and len(set(scores[0].tolist())) == 1
     # a shard with one manifest line missing (a run killed between shard and manifest) is left out
     lines = (folder / "manifest.jsonl").read_text().splitlines(keepends=True)
     (folder / "manifest.jsonl").write_text("".join(lines[:-1]))

@@ -218,8 +218,9 @@ def test_frames_folder_needs_fps_for_seconds_and_bad_spans_are_errors(long_video
     assert rc == 2 and "--window '2 seconds'" in err
 
 
-def test_a_video_that_breaks_off_keeps_the_windows_read_before(long_video, ckpt, tmp_path, capsys, monkeypatch):
-    """A decoding error after 70 frames: the windows that end before it are written, the exit status is 1."""
+@pytest.mark.parametrize("stop", ["error", "ctrl-c"])
+def test_a_video_that_breaks_off_keeps_the_windows_read_before(long_video, ckpt, tmp_path, capsys, monkeypatch, stop):
+    """A decoding error (or Ctrl-C) at frame 70: the windows that end before it are written; exit status 1 (130)."""
     import av
 
     path, _ = long_video
@@ -232,6 +233,8 @@ def test_a_video_that_breaks_off_keeps_the_windows_read_before(long_video, ckpt,
 
         def decode(self, stream):
             for k, frame in enumerate(self._c.decode(stream)):
+                if k == 70 and stop == "ctrl-c":
+                    raise KeyboardInterrupt
                 if k == 70:
                     raise av.error.InvalidDataError(1094995529, "Invalid data found when processing input")
                 yield frame
@@ -243,9 +246,12 @@ def test_a_video_that_breaks_off_keeps_the_windows_read_before(long_video, ckpt,
     out = tmp_path / "tl"
     rc, stdout, err = run_predict(capsys, path, "--model", ckpt, "--classes", CLASSES, "--window", "2s", "--stride",
                                   "1s", "--out", out, "--no-plot", "--json")
-    assert rc == 1 and "broke off" in err
+    expected_rc, said = (1, "broke off") if stop == "error" else (130, "interrupted")
+    assert rc == expected_rc and said in err
     doc = json.loads((out / "timeline.json").read_text())
-    assert not doc["complete"] and "decoding failed after 70" in doc["error"]
+    assert not doc["complete"]
+    assert ("decoding failed after 70" if stop == "error" else "interrupted") in doc["error"]
+    assert doc["segments"][-1]["end_frame"] == doc["num_frames"] <= 71
     # every window whose sampled frames all come before frame 70 was scored (those starting at 0, 10, ..., 50),
     # and none after
     expected = [w.index for w in plan_windows(131, 20, 10) if window_frames(w, 8).max() < 70]
