@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader, Sampler
 from tqdm import tqdm
 
 import clip
-from datasets import VideoDataset, load_class_list
+from datasets import PathRules, VideoDataset, load_class_list
 from modules import build_t2l, class_texts, load_t2l, random_clip, read_descriptions, tokenize_class_texts
 from utils import distributed
 from utils.config import Config, EvalSet
@@ -82,24 +82,39 @@ def load_eval_model(cfg: Config, weights: Optional[str]) -> nn.Module:
 
 
 def autocast(device: torch.device, precision: str):
-    """One autocast context for the whole project: bf16/fp16 on GPU, nothing (fp32) on CPU."""
+    """One autocast context for the whole project: bf16/fp16 on GPU, nothing (fp32) on CPU.
+
+    "fp16-pure" (the published code's way: the weights themselves are fp16, see
+    ``modules.convert_to_fp16_like_published``) needs no autocast either.
+    """
     dtype = resolve_precision(device, precision)
-    if dtype == torch.float32:
+    if dtype == torch.float32 or precision == "fp16-pure":
         return contextlib.nullcontext()
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
 def resolve_precision(device: torch.device, precision: str) -> torch.dtype:
-    if precision == "fp32" or (precision == "auto" and device.type != "cuda"):
+    """The compute dtype of ``precision`` on ``device``: "auto" and "fp16-pure" compute in fp32 on a CPU (the
+    published code falls back to fp32 there too); an explicit "bf16" or "fp16" autocasts on a CPU as well."""
+    if precision == "fp32" or (precision in ("auto", "fp16-pure") and device.type != "cuda"):
         return torch.float32
     if precision == "auto":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return {"bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp16-pure": torch.float16}[precision]
+
+
+def uses_fp16_weights(device: torch.device, precision: str) -> bool:
+    """Whether the model's weights are cast to fp16 (``fp16-pure`` on a GPU, as the published code runs)."""
+    return precision == "fp16-pure" and device.type == "cuda"
 
 
 # ---------------------------------------------------------------------------------------------- texts
-def class_tokens(classes_csv: str, descriptions_csv: Optional[str], text_mode: str) -> tuple[list, torch.Tensor]:
-    """(class names, token ids (V, K, L)) for a class list and its descriptions or the templates."""
+def class_tokens(classes_csv: str, descriptions_csv: Optional[str], text_mode: str,
+                 missing: str = "error") -> tuple[list, torch.Tensor]:
+    """(class names, token ids (V, K, L)) for a class list and its descriptions or the templates.
+
+    ``missing``: what a class without a description gets: "error" or "template" (``data.missing_descriptions``).
+    """
     names = load_class_list(classes_csv)
     descriptions = None
     if text_mode == "descriptions":
@@ -108,7 +123,8 @@ def class_tokens(classes_csv: str, descriptions_csv: Optional[str], text_mode: s
         else:
             logger.warning("no descriptions file for %s: using the prompt templates instead", classes_csv)
             text_mode = "templates"
-    texts = class_texts(names, descriptions, mode=text_mode, source=str(descriptions_csv or classes_csv))
+    texts = class_texts(names, descriptions, mode=text_mode, source=str(descriptions_csv or classes_csv),
+                        missing=missing)
     return names, tokenize_class_texts(texts)
 
 
@@ -139,6 +155,16 @@ class ShardSampler(Sampler):
         return len(self.indices)
 
 
+# The published test code multiplies the cosines by a hard-coded 100 (equal to exp(logit_scale) of the OpenAI weights
+# up to float rounding); the "centre" rules use the model's own scale.
+PUBLISHED_LOGIT_SCALE = 100.0
+
+
+def scoring_scale(model: nn.Module, rules: str) -> float:
+    """The temperature of the softmax over classes under the test rules: 100 (published) or exp(logit_scale)."""
+    return PUBLISHED_LOGIT_SCALE if rules == "published" else float(model.logit_scale.detach().exp())
+
+
 def video_scores(video_emb: torch.Tensor, text_emb: torch.Tensor, logit_scale: float) -> torch.Tensor:
     """Normalised video embeddings (B, E) and text embeddings (V, K, E) -> probabilities (B, K), view-averaged."""
     logits = logit_scale * torch.einsum("be,vke->bvk", F.normalize(video_emb.float(), dim=-1), text_emb)
@@ -148,8 +174,10 @@ def video_scores(video_emb: torch.Tensor, text_emb: torch.Tensor, logit_scale: f
 @torch.no_grad()
 def score_dataset(model: nn.Module, dataset: VideoDataset, text_emb: torch.Tensor, device: torch.device,
                   batch_size: int, num_workers: int, precision: str = "auto", dist_info=None,
-                  desc: str = "eval") -> tuple[torch.Tensor, torch.Tensor, int]:
+                  desc: str = "eval", rules: str = "published", return_indices: bool = False):
     """(probabilities (N, K), labels (N,), number of unreadable videos) over the whole dataset.
+
+    With ``return_indices`` the dataset index of every row comes fourth (rows are in list order).
 
     Multi-view samples (V, T, 3, S, S) are scored view by view and averaged. A video that could not be read is
     left out (its replacement is deduplicated by index) and counted, so no video is ever scored twice.
@@ -157,7 +185,7 @@ def score_dataset(model: nn.Module, dataset: VideoDataset, text_emb: torch.Tenso
     rank, world = (dist_info.rank, dist_info.world_size) if dist_info else (0, 1)
     loader = DataLoader(dataset, batch_size=batch_size, sampler=ShardSampler(len(dataset), rank, world),
                         num_workers=num_workers, pin_memory=device.type == "cuda", drop_last=False)
-    scale = float(model.logit_scale.exp())
+    scale = scoring_scale(model, rules)
     scores, labels, indices = [], [], []
     failed = 0
     for batch in tqdm(loader, desc=desc, disable=rank != 0, leave=False, dynamic_ncols=True):
@@ -184,15 +212,35 @@ def score_dataset(model: nn.Module, dataset: VideoDataset, text_emb: torch.Tenso
     if failed:
         logger.warning("%s: %d video(s) could not be read and are left out of the scores (see warnings above)",
                        desc, failed)
+    if return_indices:
+        return scores[keep], labels[keep], failed, indices[keep]
     return scores[keep], labels[keep], failed
 
 
-def make_eval_dataset(cfg: Config, s: EvalSet, list_file: str, num_classes: int) -> VideoDataset:
+def published_drop_last_figures(scores: torch.Tensor, labels: torch.Tensor, indices: torch.Tensor, num_listed: int,
+                                batch_size: int) -> dict:
+    """The figures of the videos the published test loader scores: it keeps the list order and drops the last
+    incomplete batch (``drop_last=True``), i.e. every video from index floor(N / B) * B on."""
+    scored = (num_listed // batch_size) * batch_size
+    keep = indices < scored
+    if not bool(keep.any()):  # fewer videos than one batch: the published loader scores none
+        return {"batch_size": batch_size, "left_out": num_listed, "num_videos": 0, "top1": None, "top5": None,
+                "mean_class_acc": None}
+    return {"batch_size": batch_size, "left_out": num_listed - scored, **accuracy_metrics(scores[keep], labels[keep])}
+
+
+def path_rules(paths) -> PathRules:
+    """A config ``paths`` section (utils.config.PathsSection) -> ``datasets.PathRules``."""
+    return PathRules.from_options(paths.map, paths.keep_last, paths.drop_extension, paths.by_name)
+
+
+def make_eval_dataset(cfg: Config, s: EvalSet, list_file: str, names: list, classes_csv: str) -> VideoDataset:
     return VideoDataset(list_file, root=s.root, num_frames=cfg.data.num_frames, mode="test",
                         input_size=cfg.data.input_size, image_tmpl=s.image_tmpl or cfg.data.image_tmpl,
                         index_start=s.index_start if s.index_start is not None else cfg.data.index_start,
                         num_clips=cfg.eval.num_clips, num_crops=cfg.eval.num_crops, on_error=cfg.data.on_error,
-                        num_classes=num_classes, seed=cfg.seed)
+                        seed=cfg.seed, test_rules=cfg.eval.rules, class_names=names, classes_source=classes_csv,
+                        check_labels=cfg.data.check_labels, paths=path_rules(s.paths))
 
 
 def evaluate_set(model: nn.Module, cfg: Config, s: EvalSet, device: torch.device, dist_info=None,
@@ -203,16 +251,25 @@ def evaluate_set(model: nn.Module, cfg: Config, s: EvalSet, device: torch.device
     with ``keep_scores`` the scores, labels and class names of each split ride along (for per-class files).
     """
     classes_csv = s.classes or cfg.data.classes
-    names, tokens = class_tokens(classes_csv, s.descriptions, s.text_mode or cfg.data.text_mode)
+    names, tokens = class_tokens(classes_csv, s.descriptions, s.text_mode or cfg.data.text_mode,
+                                 cfg.data.missing_descriptions)
     text_emb = encode_class_texts(model, tokens, device, cfg.solver.precision)
     result: dict = {"name": s.name, "group": s.group, "num_classes": len(names), "splits": []}
     entries = []  # what the aggregate is over: the splits, or the class subsets of every split
     for list_file in s.lists:
-        dataset = make_eval_dataset(cfg, s, list_file, len(names))
-        scores, labels, failed = score_dataset(model, dataset, text_emb, device, cfg.eval.batch_size,
-                                               cfg.data.num_workers, cfg.solver.precision, dist_info,
-                                               desc=f"{s.name} {Path(list_file).name}")
+        dataset = make_eval_dataset(cfg, s, list_file, names, classes_csv)
+        scores, labels, failed, indices = score_dataset(model, dataset, text_emb, device, cfg.eval.batch_size,
+                                                        cfg.data.num_workers, cfg.solver.precision, dist_info,
+                                                        desc=f"{s.name} {Path(list_file).name}", rules=cfg.eval.rules,
+                                                        return_indices=True)
         split = {"split": Path(list_file).name, **accuracy_metrics(scores, labels), "unreadable_videos": failed}
+        if s.published_batch_size:
+            pub = published_drop_last_figures(scores, labels, indices, len(dataset), s.published_batch_size)
+            split["published_drop_last"] = pub
+            logger.info("%s %s: the published test loader (batch %d, drop_last) would leave out the last %d of %d "
+                        "videos: top-1 %s over the %d it scores, %.2f over all (what we report)", s.name,
+                        split["split"], pub["batch_size"], pub["left_out"], len(dataset),
+                        "-" if pub["top1"] is None else f"{pub['top1']:.2f}", pub["num_videos"], split["top1"])
         if keep_scores:
             split["_scores"], split["_labels"], split["_names"] = scores, labels, names
         result["splits"].append(split)

@@ -36,7 +36,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from datasets import SampleLoadError, read_list_file
+from datasets import TEST_RULES, SampleLoadError, read_list_file
 from datasets.readers import open_source
 from datasets.transforms import build_transform
 # The dataset's own test-view steps, so that a list file's frame counts are used exactly as test.py uses them.
@@ -71,7 +71,9 @@ class ExportVideos(Dataset):
         self.num_clips = encoder.num_clips
         self.image_tmpl = encoder.image_tmpl
         self.index_start = encoder.index_start
-        self.transform = build_transform("test", encoder.input_size, num_crops=encoder.num_crops)
+        self.frame_rule = TEST_RULES[encoder.test_rules]["frames"]
+        self.transform = build_transform("test", encoder.input_size, num_crops=encoder.num_crops,
+                                         resize=TEST_RULES[encoder.test_rules]["resize"])
 
     def __len__(self) -> int:
         return len(self.entries)
@@ -81,7 +83,7 @@ class ExportVideos(Dataset):
         try:
             source = open_source(path, self.image_tmpl, self.index_start)
             n = _frame_count(source, listed)
-            views = _test_views(source, n, self.num_frames, self.num_clips, self.transform)
+            views = _test_views(source, n, self.num_frames, self.num_clips, self.transform, self.frame_rule)
             return {"index": index, "views": views, "num_frames": n, "error": ""}
         except SampleLoadError as e:
             return {"index": index, "views": None, "num_frames": 0, "error": e.reason or str(e)}
@@ -393,6 +395,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--per-frame", action="store_true", help="also save per-frame embeddings (frames_*.npy)")
     p.add_argument("--image-tmpl", default="img_{:05d}.jpg", help="frame file names (default img_{:05d}.jpg)")
     p.add_argument("--index-start", type=int, default=1, help="number of the first frame file (default 1)")
+    p.add_argument("--rules", default="published", choices=("published", "centre"),
+                   help="test-time rules, as test.py's eval.rules: published (the published test code's frames, "
+                        "Pillow bicubic resize, logit scale 100; default) or centre (segment centres, torch bilinear "
+                        "resize, the model's logit scale)")
     p.add_argument("--device", default="auto", help="auto (GPU if any), cpu, cuda, cuda:N (default auto)")
     p.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16", "fp16"),
                    help="auto: bf16 (fp16 on older GPUs) on GPU, fp32 on CPU (default auto)")
@@ -436,7 +442,8 @@ def main(argv=None) -> int:
     try:
         encoder = load_model(args.model, device=args.device, precision=args.precision, num_frames=args.frames,
                              input_size=args.input_size, num_clips=args.clips, num_crops=args.crops,
-                             image_tmpl=args.image_tmpl, index_start=args.index_start, trust=args.trust_checkpoint)
+                             image_tmpl=args.image_tmpl, index_start=args.index_start, trust=args.trust_checkpoint,
+                             test_rules=args.rules)
         summary = export_texts(args, encoder, out) if args.texts else export_videos(args, encoder, out)
     except KeyboardInterrupt:
         logger.error("interrupted: the shards written so far are kept; run the same command again to resume")

@@ -12,9 +12,10 @@ checkpoint or a model folder (``python -m modules.checkpoint export``) gives T2L
 backbone they were trained on (a CLIP name or file with its SHA-256, or the seeded random CLIP of the demo), which
 is rebuilt from that record.
 
-Preprocessing is test.py's, through ``datasets.load_video_clip``: TSN segment middles, resize of the short side
-to S*256/224, centre crop S (three crops of side S with ``num_crops=3``), CLIP normalisation. So the features
-are those the classifier sees.
+Preprocessing is test.py's, through ``datasets.load_video_clip``: one frame per TSN segment, resize of the short
+side to S*256/224, centre crop S (three crops of side S with ``num_crops=3``), CLIP normalisation, under the same
+test rules as test.py (``test_rules``: "published", the default, or "centre"; see ``datasets.TEST_RULES``). So the
+features are those the classifier sees.
 
 Views: with ``num_clips`` x ``num_crops`` views per video, each view is encoded, its video embedding
 L2-normalised, the normalised embeddings averaged over the views and the mean normalised again. (test.py
@@ -41,7 +42,7 @@ from tqdm import tqdm
 
 import clip
 import engine
-from datasets import load_class_list, load_video_clip
+from datasets import TEST_RULES, load_class_list, load_video_clip
 from modules import TEMPLATES, class_texts, load_t2l, read_descriptions
 from modules.model_folder import is_model_folder, read_folder_config
 from utils.distributed import pick_device
@@ -79,18 +80,23 @@ class VideoTextEncoder:
 
     Attributes: ``model``, ``kind`` ("t2l" or "clip"), ``identity`` (what was loaded, with its SHA-256),
     ``device``, ``precision``, ``num_frames`` (T), ``input_size`` (S), ``num_clips``, ``num_crops``,
-    ``image_tmpl``, ``index_start`` (frame-file naming of frame folders).
+    ``image_tmpl``, ``index_start`` (frame-file naming of frame folders), ``test_rules`` (test.py's
+    ``eval.rules``: frames, resize and the logit scale of the scores).
     """
 
     def __init__(self, model: nn.Module, kind: str, identity: dict, device: Union[str, torch.device] = "cpu",
                  precision: str = "auto", num_frames: int = DEFAULT_FRAMES, input_size: Optional[int] = None,
-                 num_clips: int = 1, num_crops: int = 1, image_tmpl: str = "img_{:05d}.jpg", index_start: int = 1):
+                 num_clips: int = 1, num_crops: int = 1, image_tmpl: str = "img_{:05d}.jpg", index_start: int = 1,
+                 test_rules: str = "published"):
         if num_crops not in (1, 3):
             raise ValueError(f"num_crops must be 1 (centre crop) or 3 (three crops), got {num_crops}")
         if num_clips < 1 or num_frames < 1:
             raise ValueError(f"num_clips and num_frames must be >= 1, got {num_clips} and {num_frames}")
         if precision not in ("auto", "fp32", "bf16", "fp16"):
             raise ValueError(f"precision must be auto, fp32, bf16 or fp16, got {precision!r}")
+        if test_rules not in TEST_RULES:
+            raise ValueError(f"test rules must be one of {', '.join(TEST_RULES)}, got {test_rules!r}")
+        self.test_rules = test_rules
         self.device = torch.device(device)
         self.model = model.to(self.device).eval()
         for p in self.model.parameters():  # inference only: no autograd bookkeeping
@@ -122,8 +128,8 @@ class VideoTextEncoder:
 
     @property
     def logit_scale(self) -> float:
-        """exp(logit_scale): the temperature of test.py's softmax over classes (100 for the OpenAI weights)."""
-        return float(self.model.logit_scale.detach().exp())
+        """The temperature of test.py's softmax over classes: 100 under the published rules, else exp(logit_scale)."""
+        return engine.scoring_scale(self.model, self.test_rules)
 
     @property
     def embed_dim(self) -> int:
@@ -136,7 +142,7 @@ class VideoTextEncoder:
         return {"model": _identity_for_hash(self.identity), "num_frames": self.num_frames,
                 "input_size": self.input_size, "num_clips": self.num_clips, "num_crops": self.num_crops,
                 "image_tmpl": self.image_tmpl, "index_start": self.index_start,
-                "dtype": str(self.dtype).replace("torch.", "")}
+                "dtype": str(self.dtype).replace("torch.", ""), "test_rules": self.test_rules}
 
     def config_hash(self, extra: Optional[dict] = None) -> str:
         """A short SHA-256 of :meth:`settings` (plus ``extra``): equal hashes give comparable features."""
@@ -156,7 +162,7 @@ class VideoTextEncoder:
         """
         return load_video_clip(os.fspath(path), num_frames=self.num_frames, input_size=self.input_size,
                                num_clips=self.num_clips, num_crops=self.num_crops, image_tmpl=self.image_tmpl,
-                               index_start=self.index_start)
+                               index_start=self.index_start, test_rules=self.test_rules)
 
     @torch.no_grad()
     def encode_views(self, clips: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -292,7 +298,7 @@ def _file_sha256(path: Path) -> Optional[str]:
 def load_model(name_or_path: PathLike, device: Union[str, torch.device] = "auto", precision: str = "auto",
                num_frames: Optional[int] = None, input_size: Optional[int] = None, num_clips: int = 1,
                num_crops: int = 1, image_tmpl: str = "img_{:05d}.jpg", index_start: int = 1,
-               trust: bool = False) -> VideoTextEncoder:
+               trust: bool = False, test_rules: str = "published") -> VideoTextEncoder:
     """Load a model for feature extraction.
 
     Args:
@@ -306,6 +312,8 @@ def load_model(name_or_path: PathLike, device: Union[str, torch.device] = "auto"
         num_clips, num_crops: test views per video (crops 1 = centre, 3 = three crops); views are averaged.
         image_tmpl, index_start: frame-file naming of frame folders (``img_00001.jpg`` ...).
         trust: allow checkpoints that need full unpickling (they can run code): only files you trust.
+        test_rules: "published" (the published test code's frames, Pillow bicubic resize, logit scale 100) or
+            "centre" (segment centres, torch bilinear resize, exp(logit_scale)): test.py's ``eval.rules``.
 
     Raises FileNotFoundError, ``modules.CheckpointError``, ``clip.CLIPLoadError`` or ValueError naming the file.
     """
@@ -340,7 +348,7 @@ def load_model(name_or_path: PathLike, device: Union[str, torch.device] = "auto"
         frames = int(num_frames or DEFAULT_FRAMES)
     encoder = VideoTextEncoder(model, kind, identity, device=device, precision=precision, num_frames=frames,
                                input_size=input_size, num_clips=num_clips, num_crops=num_crops,
-                               image_tmpl=image_tmpl, index_start=index_start)
+                               image_tmpl=image_tmpl, index_start=index_start, test_rules=test_rules)
     logger.info("model %s: %s, %d frames x %d view(s) at %dpx, %s on %s", source,
                 "T2L" if kind == "t2l" else "frame-averaged CLIP", encoder.num_frames, encoder.num_views,
                 encoder.input_size, str(encoder.dtype).replace("torch.", ""), encoder.device)

@@ -61,6 +61,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--crops", type=int, default=1, choices=(1, 3), help="spatial crops per clip (default 1)")
     p.add_argument("--image-tmpl", default="img_{:05d}.jpg", help="frame file names (default img_{:05d}.jpg)")
     p.add_argument("--index-start", type=int, default=1, help="number of the first frame file (default 1)")
+    p.add_argument("--rules", default="published", choices=("published", "centre"),
+                   help="test-time rules, as test.py's eval.rules: published (the published test code's frames, "
+                        "Pillow bicubic resize, logit scale 100; default) or centre (segment centres, torch bilinear "
+                        "resize, the model's logit scale)")
     p.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:N or auto")
     p.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16", "fp16"),
                    help="auto: fp32 on CPU, bf16/fp16 on GPU (default auto)")
@@ -92,7 +96,8 @@ def _load(args):
     classes = read_class_texts(args.classes, descriptions=args.descriptions, templates=args.templates)
     encoder = load_model(args.model, device=args.device, precision=args.precision, num_frames=args.frames,
                          input_size=args.input_size, num_clips=args.clips, num_crops=args.crops,
-                         image_tmpl=args.image_tmpl, index_start=args.index_start, trust=args.trust_checkpoint)
+                         image_tmpl=args.image_tmpl, index_start=args.index_start, trust=args.trust_checkpoint,
+                         test_rules=args.rules)
     return classes, encoder
 
 
@@ -132,7 +137,8 @@ def predict_timeline(args):
                                  progress=args.progress)
     segments = timeline.find_segments(tl, threshold=args.threshold, min_segment=args.min_segment)
     out = args.out or f"timeline_{os.path.basename(os.path.normpath(args.video))}"
-    settings = {**_header(args, classes, encoder), "threshold": args.threshold, "min_segment": args.min_segment}
+    settings = {**_header(args, classes, encoder), "test_rules": encoder.test_rules, "threshold": args.threshold,
+                "min_segment": args.min_segment}
     settings.pop("video")
     paths = timeline.write_timeline(tl, segments, out, top_k=args.top_k, extra=settings, plot=not args.no_plot)
     logger.info("timeline of %s: %d windows in %.1f s (%.1f windows/s), %d segments, written to %s", args.video,

@@ -293,7 +293,8 @@ def query_model(collection: Collection, model: Optional[str] = None, device: str
                              input_size=settings.get("input_size"), num_clips=int(settings.get("num_clips", 1)),
                              num_crops=int(settings.get("num_crops", 1)),
                              image_tmpl=settings.get("image_tmpl", "img_{:05d}.jpg"),
-                             index_start=int(settings.get("index_start", 1)), trust=trust)
+                             index_start=int(settings.get("index_start", 1)), trust=trust,
+                             test_rules=settings.get("test_rules", "published"))
     except FileNotFoundError as e:
         if model:
             raise

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 import engine
+from modules import convert_to_fp16_like_published
 from utils import distributed
 from utils.config import check_paths, load_config, save_config
 from utils.logger import setup_logging
@@ -74,7 +75,10 @@ def run(cfg, dist_info, out: Path) -> dict:
     weights = [None] if cfg.test.baseline or not cfg.test.weights else list(cfg.test.weights)
     runs = []
     for w in weights:
-        model = engine.load_eval_model(cfg, w).to(device)
+        model = engine.load_eval_model(cfg, w)
+        if engine.uses_fp16_weights(device, cfg.solver.precision):
+            convert_to_fp16_like_published(model)  # fp16-pure: the published test runs its fp16 weights on a GPU
+        model = model.to(device)
         sets = {}
         for s in cfg.eval.sets:
             res = engine.evaluate_set(model, cfg, s, device, dist_info, keep_scores=dist_info.is_main)

@@ -39,7 +39,7 @@ import torch
 from tqdm import tqdm
 
 import engine
-from datasets import SampleLoadError, build_transform
+from datasets import TEST_RULES, SampleLoadError, build_transform
 from datasets.windows import Window, WindowStream, parse_span, plan_windows, video_info
 
 logger = logging.getLogger(__name__)
@@ -163,9 +163,11 @@ def score_timeline(encoder, video: PathLike, text_emb: torch.Tensor, names: Sequ
     K = len(names)
     if text_emb.shape[1] != K:
         raise ValueError(f"{K} class names but text embeddings for {text_emb.shape[1]} classes")
-    transform = build_transform("test", encoder.input_size, num_crops=encoder.num_crops)
+    rules = TEST_RULES[encoder.test_rules]  # test.py's eval.rules: which frames, which resize
+    transform = build_transform("test", encoder.input_size, num_crops=encoder.num_crops, resize=rules["resize"])
     stream = WindowStream(video, windows, encoder.num_frames, transform, num_clips=encoder.num_clips,
-                          total_frames=total, image_tmpl=encoder.image_tmpl, index_start=encoder.index_start)
+                          total_frames=total, image_tmpl=encoder.image_tmpl, index_start=encoder.index_start,
+                          frame_rule=rules["frames"])
     probs = np.zeros((len(windows), K), dtype=np.float32)
     tl = Timeline(video=video, fps=fps, num_frames=total, window_frames=w_frames, stride_frames=s_frames,
                   windows=[], probs=probs, names=list(names))

@@ -2,7 +2,9 @@
 
 One GPU, or several with ``torchrun --nproc_per_node N train.py ...`` (also across machines). A run writes into
 ``output_dir``: the resolved ``config.yaml``, ``log.txt``, ``metrics.csv``, ``curves.png``, ``last.pt`` every epoch
-and ``best_<eval set>.pt`` when an evaluation set improves. Rerunning the same command resumes from ``last.pt``.
+and ``best_<eval set>.pt`` when an evaluation set marked ``select_best`` (a validation set, never a test set)
+improves. Rerunning the same command resumes from ``last.pt``; ``network.init_from`` starts from the T2L tensors of
+another checkpoint (ours or a published one).
 """
 from __future__ import annotations
 
@@ -23,11 +25,13 @@ from tqdm import tqdm
 
 import engine
 from datasets import VideoDataset, failure_summary_line
-from modules import T2LLoss, make_checkpoint, save_published
+from modules import T2LLoss, convert_to_fp16_like_published, make_checkpoint, save_published
+from modules.checkpoint import init_from_checkpoint, is_published
 from utils import distributed
 from utils.checkpoint import atomic_save, remove_stale_tmp, rng_state, safe_load, set_rng_state
 from utils.config import check_paths, load_config, save_config
 from utils.logger import MetricsCSV, WandbLogger, plot_curves, setup_logging
+from utils.precision import Fp16MasterStep
 from utils.schedule import WarmupCosine
 
 logger = logging.getLogger("train")
@@ -90,6 +94,12 @@ def param_groups(model, cfg):
     return groups
 
 
+def zero_grad(model, optimizer) -> None:
+    """Clear the gradients of the model and of the optimiser's parameters (fp32 copies under fp16-pure)."""
+    optimizer.zero_grad(set_to_none=True)
+    model.zero_grad(set_to_none=True)
+
+
 def main(argv=None) -> dict:
     args = parse_args(argv)
     cfg = load_config(args.config, args.opts)
@@ -116,11 +126,14 @@ def train(cfg, args, dist_info, out: Path) -> dict:
     logger.info("output folder %s; device %s; world size %d", out, device, dist_info.world_size)
 
     # ---- data
-    class_names, tokens = engine.class_tokens(cfg.data.classes, cfg.data.descriptions, cfg.data.text_mode)
+    class_names, tokens = engine.class_tokens(cfg.data.classes, cfg.data.descriptions, cfg.data.text_mode,
+                                              cfg.data.missing_descriptions)
     dataset = VideoDataset(cfg.data.train_list, root=cfg.data.root, num_frames=cfg.data.num_frames, mode="train",
                            input_size=cfg.data.input_size, image_tmpl=cfg.data.image_tmpl,
                            index_start=cfg.data.index_start, flip=cfg.data.flip, on_error=cfg.data.on_error,
-                           num_classes=len(class_names), seed=cfg.seed)
+                           seed=cfg.seed, class_names=class_names, classes_source=cfg.data.classes,
+                           check_labels=cfg.data.check_labels, paths=engine.path_rules(cfg.data.paths),
+                           train_sampling=cfg.data.train_sampling, test_rules=cfg.eval.rules)
     sampler = DistributedSampler(dataset, num_replicas=dist_info.world_size, rank=dist_info.rank, shuffle=True,
                                  seed=cfg.seed, drop_last=True)
     if len(sampler) < cfg.data.batch_size:
@@ -134,14 +147,29 @@ def train(cfg, args, dist_info, out: Path) -> dict:
                 len(class_names), cfg.data.train_list, len(loader) // cfg.solver.grad_accum)
 
     # ---- model, optimiser, schedule
-    model = engine.build_model(cfg).to(device)
-    optimizer = torch.optim.AdamW(param_groups(model, cfg), lr=cfg.solver.lr, betas=tuple(cfg.solver.betas),
-                                  eps=cfg.solver.eps)
+    resume = args.resume or (None if args.no_resume or not (out / "last.pt").exists() else out / "last.pt")
+    model = engine.build_model(cfg)
+    if cfg.network.init_from and not resume:
+        init_from_checkpoint(model, cfg.network.init_from, trust=cfg.network.trust_checkpoint)
+        logger.info("T2L tensors initialised from %s (network.init_from)", cfg.network.init_from)
+    fp16_weights = engine.uses_fp16_weights(device, cfg.solver.precision)
+    if fp16_weights:
+        convert_to_fp16_like_published(model)
+    elif cfg.solver.precision == "fp16-pure":
+        logger.info("solver.precision fp16-pure trains in fp32 on %s, as the published code does off a GPU", device)
+    model.to(device)
+    # fp16-pure: the optimiser steps fp32 copies of the fp16 parameters (utils.precision), as published.
+    master = Fp16MasterStep(model.trainable_parameters()) if fp16_weights else None
+    groups = param_groups(model, cfg)
+    optimizer = torch.optim.AdamW(master.swap(groups) if master else groups, lr=cfg.solver.lr,
+                                  betas=tuple(cfg.solver.betas), eps=cfg.solver.eps)
     steps_per_epoch = max(1, len(loader) // cfg.solver.grad_accum)
     scheduler = WarmupCosine(optimizer, total_steps=cfg.solver.epochs * steps_per_epoch,
-                             warmup_steps=int(cfg.solver.warmup_epochs * steps_per_epoch), min_lr=cfg.solver.min_lr)
+                             warmup_steps=int(cfg.solver.warmup_epochs * steps_per_epoch), min_lr=cfg.solver.min_lr,
+                             update_every=cfg.solver.lr_update_every, steps_per_epoch=steps_per_epoch)
     amp_dtype = engine.resolve_precision(device, cfg.solver.precision)
-    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
+    # A gradient scaler for fp16 autocast; the published fp16-pure recipe has none.
+    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16 and not fp16_weights)
     criterion = T2LLoss(tfd_weight=cfg.loss.tfd_weight)
     logger.info("precision %s; optimiser AdamW lr %g%s, weight decay %g; %d epochs", amp_dtype, cfg.solver.lr,
                 "" if cfg.solver.temporal_token_lr_scale == 1.0 else
@@ -150,9 +178,12 @@ def train(cfg, args, dist_info, out: Path) -> dict:
 
     # ---- resume
     start_epoch, step, best, nonfinite_total = 0, 0, {}, 0
-    resume = args.resume or (None if args.no_resume or not (out / "last.pt").exists() else out / "last.pt")
     if resume:
         ckpt = safe_load(resume, trust=cfg.network.trust_checkpoint)
+        if isinstance(ckpt, dict) and is_published(ckpt):
+            raise ValueError(f"{resume} is a published T2L checkpoint, not a training checkpoint of this project: "
+                             f"--resume continues a run of train.py (its last.pt). To start training or fine-tuning "
+                             f"from it, set network.init_from: {resume} (--opts network.init_from={resume})")
         check_training_checkpoint(ckpt, resume)
         if ckpt.get("num_frames") != cfg.data.num_frames:
             raise ValueError(f"{resume} was trained with {ckpt.get('num_frames')} frames, but data.num_frames is "
@@ -200,7 +231,7 @@ def train(cfg, args, dist_info, out: Path) -> dict:
         t0 = time.time()
         bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.solver.epochs}", disable=not dist_info.is_main,
                    dynamic_ncols=True)
-        optimizer.zero_grad(set_to_none=True)
+        zero_grad(model, optimizer)
         for i, batch in enumerate(bar):
             videos = batch["video"].to(device, non_blocking=True)
             labels = batch["label"].to(device, non_blocking=True)
@@ -221,7 +252,7 @@ def train(cfg, args, dist_info, out: Path) -> dict:
             if finite.item() < 1.0:
                 nonfinite_total += 1
                 nonfinite_run += 1
-                optimizer.zero_grad(set_to_none=True)
+                zero_grad(model, optimizer)
                 logger.warning("non-finite loss at epoch %d step %d (%s): step skipped (%d in a row, %d in all)",
                                epoch + 1, step, {k: float(v) for k, v in parts.items()}, nonfinite_run,
                                nonfinite_total)
@@ -236,13 +267,17 @@ def train(cfg, args, dist_info, out: Path) -> dict:
             nonfinite_run = 0
             scaler.scale(loss / cfg.solver.grad_accum).backward()
             if (i + 1) % cfg.solver.grad_accum == 0:
+                if master:
+                    master.before_step()
                 if cfg.solver.grad_clip > 0:
                     scaler.unscale_(optimizer)
-                    torch.nn.utils.clip_grad_norm_([p for _, p in model.trainable_parameters()],
+                    torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]],
                                                    cfg.solver.grad_clip)
                 scaler.step(optimizer)
                 scaler.update()
-                optimizer.zero_grad(set_to_none=True)
+                if master:
+                    master.after_step()
+                zero_grad(model, optimizer)
                 scheduler.step()
                 step += 1
             for k in sums:
@@ -273,7 +308,7 @@ def train(cfg, args, dist_info, out: Path) -> dict:
                 row[f"{s.name}_top5"] = res["aggregate"]["top5"]["mean"]
                 logger.info("epoch %d: %s top-1 %.2f%% top-5 %.2f%% mean-class %.2f%%", epoch + 1, s.name, top1,
                             res["aggregate"]["top5"]["mean"], res["aggregate"]["mean_class_acc"]["mean"])
-                if top1 > best.get(s.name, {"top1": -1.0})["top1"]:
+                if s.select_best and top1 > best.get(s.name, {"top1": -1.0})["top1"]:
                     best[s.name] = {"top1": top1, "epoch": epoch + 1}
                     improved.append(s.name)
 

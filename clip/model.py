@@ -57,13 +57,15 @@ class Attention(nn.Module):
         self.out_proj = nn.Linear(width, width)
 
     def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None,
-                is_causal: bool = False) -> torch.Tensor:
-        """x: (B, N, D) -> (B, N, D)."""
+                is_causal: bool = False, dropout_p: float = 0.0) -> torch.Tensor:
+        """x: (B, N, D) -> (B, N, D). ``dropout_p``: dropout on the attention probabilities (as the ``dropout`` of
+        ``nn.MultiheadAttention``); the caller passes 0 outside training."""
         B, N, D = x.shape
         qkv = F.linear(x, self.in_proj_weight, self.in_proj_bias)
         # (B, N, 3D) -> (3, B, heads, N, head_dim)
         q, k, v = qkv.view(B, N, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4).unbind(0)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal,
+                                             dropout_p=dropout_p)
         # (B, heads, N, head_dim) -> (B, N, D)
         out = out.transpose(1, 2).reshape(B, N, D)
         return self.out_proj(out)

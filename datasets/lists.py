@@ -17,12 +17,14 @@ from __future__ import annotations
 import csv
 import logging
 import os
+import re
 from dataclasses import dataclass
-from typing import List, Optional
+from typing import Dict, List, Optional, Sequence
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["VideoRecord", "ListFileError", "read_list_file", "load_class_list"]
+__all__ = ["VideoRecord", "ListFileError", "PathRules", "read_list_file", "load_class_list", "label_name_mismatches",
+           "check_labels_match_names"]
 
 
 class ListFileError(ValueError):
@@ -75,8 +77,78 @@ def _parse_line(raw: str, list_path: str, line_no: int) -> VideoRecord:
     return VideoRecord(path, num_frames, label, line_no)
 
 
-def read_list_file(path: str, root: Optional[str] = None,
-                   num_classes: Optional[int] = None) -> List[VideoRecord]:
+VIDEO_SUFFIXES = (".avi", ".mp4", ".webm", ".mkv", ".mov", ".m4v", ".mpg", ".mpeg", ".flv", ".wmv", ".3gp", ".ogv")
+
+
+@dataclass(frozen=True)
+class PathRules:
+    """How the paths written in a list file become paths on this machine (config ``data.paths``).
+
+    Published split files name the authors' folders (``/cluster/.../hmdb/x.avi 79 8``); these rules let them be
+    used unedited. Applied to each path in this order:
+
+    1. ``prefix_map``: ``(old, new)`` pairs; the longest ``old`` that the path starts with is replaced by its
+       ``new`` (``""`` makes the rest relative, so it is joined with the root).
+    2. ``keep_last``: if > 0, only the last K components are kept (relative, so joined with the root).
+    3. ``drop_extension``: a video extension of the last component is dropped (``x.avi`` -> ``x``), to meet the
+       frame folders of ``extract_frames.py``, which are named without it.
+    4. ``by_name``: the video is looked up by its last component among the folders listed in the frame
+       extraction's ``<root>/manifest.txt`` (so ``x`` finds ``<class>/x``); a name found nowhere, or in two
+       places, is an error naming the line.
+    """
+
+    prefix_map: tuple = ()
+    keep_last: int = 0
+    drop_extension: bool = False
+    by_name: bool = False
+
+    @classmethod
+    def from_options(cls, prefix_map: Optional[dict] = None, keep_last: int = 0, drop_extension: bool = False,
+                     by_name: bool = False) -> "PathRules":
+        pairs = tuple(sorted(((str(k), "" if v is None else str(v)) for k, v in (prefix_map or {}).items()),
+                             key=lambda kv: -len(kv[0])))
+        if keep_last < 0:
+            raise ValueError(f"keep_last must be >= 0, got {keep_last}")
+        return cls(pairs, int(keep_last), bool(drop_extension), bool(by_name))
+
+    @property
+    def active(self) -> bool:
+        return bool(self.prefix_map or self.keep_last or self.drop_extension or self.by_name)
+
+    def rewrite(self, raw: str) -> str:
+        """Steps 1-3 for one path as written in the list."""
+        path = raw
+        for old, new in self.prefix_map:
+            if path.startswith(old):
+                path = new + path[len(old):]
+                break
+        if self.keep_last:
+            parts = [p for p in path.replace("\\", "/").split("/") if p]
+            path = "/".join(parts[-self.keep_last:])
+        if self.drop_extension:
+            stem, ext = os.path.splitext(path.rstrip("/"))
+            if ext.lower() in VIDEO_SUFFIXES:
+                path = stem
+        return path
+
+
+def _manifest_names(root: Optional[str]) -> Dict[str, List[str]]:
+    """{last component of a folder: [folders relative to root]} from ``<root>/manifest.txt``."""
+    manifest = os.path.join(os.fspath(root or "."), "manifest.txt")
+    if not os.path.isfile(manifest):
+        raise ListFileError(f"paths.by_name looks videos up in the frame extraction's manifest, but {manifest} does "
+                            f"not exist (extract_frames.py writes it into its output folder: set the root to that)")
+    names: Dict[str, List[str]] = {}
+    with open(manifest, "r", encoding="utf-8") as f:
+        for line in f:
+            if line.strip():
+                folder = line.rstrip("\n").rsplit(None, 1)[0].rstrip("/")
+                names.setdefault(folder.rsplit("/", 1)[-1], []).append(folder)
+    return names
+
+
+def read_list_file(path: str, root: Optional[str] = None, num_classes: Optional[int] = None,
+                   paths: Optional[PathRules] = None) -> List[VideoRecord]:
     """Read a list file into records.
 
     Args:
@@ -84,6 +156,8 @@ def read_list_file(path: str, root: Optional[str] = None,
         root: folder that relative video paths are taken from; ``None`` keeps them as written
             (relative to the working directory). Absolute paths in the list are kept as they are.
         num_classes: when given, every label must lie in ``[0, num_classes)``.
+        paths: :class:`PathRules` that turn the list's paths into paths on this machine first (published split
+            files with the authors' absolute paths).
 
     Returns:
         One :class:`VideoRecord` per video line, in file order.
@@ -96,6 +170,8 @@ def read_list_file(path: str, root: Optional[str] = None,
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"list file not found: {path}")
+    rules = paths or PathRules()
+    by_name = _manifest_names(root) if rules.by_name else None
     records: List[VideoRecord] = []
     with open(path, "r", encoding="utf-8") as f:
         for line_no, raw in enumerate(f, start=1):
@@ -112,7 +188,17 @@ def read_list_file(path: str, root: Optional[str] = None,
             if label is not None and num_classes is not None and label >= num_classes:
                 raise ListFileError(f"{path}:{line_no}: label {label} is outside the class list "
                                     f"[0, {num_classes}) in line {text!r}")
-            video = os.path.expanduser(rec.path)
+            video = rules.rewrite(rec.path) if rules.active else rec.path
+            if by_name is not None:
+                name = video.rstrip("/").replace("\\", "/").rsplit("/", 1)[-1]
+                found = by_name.get(name, [])
+                if len(found) != 1:
+                    raise ListFileError(
+                        f"{path}:{line_no}: paths.by_name: {name!r} is {'not among' if not found else 'twice among'} "
+                        f"the folders of {os.path.join(os.fspath(root or '.'), 'manifest.txt')}"
+                        f"{'' if not found else ': ' + ', '.join(found[:3])}")
+                video = found[0]
+            video = os.path.expanduser(video)
             if root is not None and not os.path.isabs(video):
                 video = os.path.join(os.fspath(root), video)
             records.append(VideoRecord(video, rec.num_frames, label, line_no))
@@ -172,3 +258,76 @@ def load_class_list(path: str) -> List[str]:
     if not names:
         raise ListFileError(f"{path}: the class list has no classes")
     return names
+
+
+def _tokens(text: str) -> List[str]:
+    return [t for t in re.split(r"[^0-9a-z]+", text.lower()) if t]
+
+
+def label_name_mismatches(records: Sequence[VideoRecord], class_names: Sequence[str],
+                          per_label: int = 20) -> List[dict]:
+    """Labels whose videos are named after another class: the sign of a list written for another class order.
+
+    Many datasets name videos (or their class folders) after the class: UCF-101 ``v_ApplyEyeMakeup_g08_c01``,
+    HMDB-51 ``..._kick_ball_f_cm_np1_...``, class folders of Kinetics and of one's own data. For up to
+    ``per_label`` videos of each label (the first ones in the list), the class whose name occurs in the path's last
+    two components (as whole words, ignoring case and ``_``; the longest name wins) is compared with the label's
+    class. A label is reported when at least 2 of its checked videos name a class and most of them name another
+    one. Lists whose paths name no class (Something-Something ids, Kinetics files without class folders) pass.
+
+    Returns one dict per mismatched label: ``label``, ``name`` (its class), ``named`` (the class its videos
+    name), ``count``, ``checked``, ``example`` (a record).
+    """
+    by_tokens: Dict[tuple, List[int]] = {}
+    for k, name in enumerate(class_names):
+        toks = tuple(_tokens(name))
+        if toks:
+            by_tokens.setdefault(toks, []).append(k)
+    longest = max((len(t) for t in by_tokens), default=0)
+    seen: Dict[int, int] = {}
+    votes: Dict[int, Dict[int, List[VideoRecord]]] = {}
+    for rec in records:
+        if rec.label is None or seen.get(rec.label, 0) >= per_label:
+            continue
+        seen[rec.label] = seen.get(rec.label, 0) + 1
+        toks = _tokens(" ".join(rec.path.replace("\\", "/").rstrip("/").split("/")[-2:]))
+        best, best_len, tie = None, 0, False
+        for n in range(longest, 0, -1):
+            for i in range(len(toks) - n + 1):
+                ids = by_tokens.get(tuple(toks[i:i + n]))
+                if ids:
+                    if best is None:
+                        best, best_len, tie = ids[0], n, len(ids) > 1
+                    elif n == best_len and ids[0] != best:
+                        tie = True
+            if best is not None:
+                break
+        if best is not None and not tie:
+            votes.setdefault(rec.label, {}).setdefault(best, []).append(rec)
+    out = []
+    for label, named in sorted(votes.items()):
+        checked = sum(len(v) for v in named.values())
+        other, recs = max(((k, v) for k, v in named.items() if k != label), key=lambda kv: len(kv[1]),
+                          default=(None, []))
+        if other is not None and checked >= 2 and len(recs) * 2 > checked:
+            out.append({"label": label, "name": class_names[label], "named": class_names[other],
+                        "named_id": other, "count": len(recs), "checked": checked, "example": recs[0]})
+    return out
+
+
+def check_labels_match_names(records: Sequence[VideoRecord], class_names: Sequence[str], list_path: str,
+                             classes_source: str = "the class list") -> None:
+    """Refuse a list whose labels point at classes its videos are not named after (see
+    :func:`label_name_mismatches`), naming the labels, the file and an example line."""
+    bad = label_name_mismatches(records, class_names)
+    if not bad:
+        return
+    shown = "; ".join(f"label {b['label']} is {b['name']!r} in {classes_source}, but {b['count']} of its "
+                      f"{b['checked']} checked videos are named like {b['named']!r} (id {b['named_id']}), e.g. line "
+                      f"{b['example'].line}: {b['example'].path}" for b in bad[:5])
+    more = f" (and {len(bad) - 5} more labels)" if len(bad) > 5 else ""
+    raise ListFileError(
+        f"{list_path}: its labels do not fit {classes_source}: {shown}{more}. The list was probably written for "
+        f"another class order (the published T2L HMDB-51 label list swaps kick/kick_ball and sword/sword_exercise "
+        f"against the alphabetical one: lists/published_order/ holds the published orders). Use the class list "
+        f"the list was written for, or set data.check_labels: false if its paths name classes by coincidence")

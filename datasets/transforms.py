@@ -12,7 +12,14 @@ in random order); greyscale p=0.2.
 
 Testing: resize the short side to ``int(S * 256 / 224)`` and take the centre S x S crop. With three
 crops the short side is resized to S and the crops sit at the start, middle and end of the long side,
-so that together they cover the whole frame (the multi-view convention of X-CLIP / ViFi-CLIP).
+so that together they cover the whole frame (the multi-view convention of X-CLIP / ViFi-CLIP). The
+resize is one of two (``resize``):
+
+- ``"pil_bicubic"`` (the default): Pillow's bicubic resize of every frame, exactly what the published
+  T2L test code does (torchvision's ``Resize`` on PIL images); a frame whose short side already has the
+  target size is not resized.
+- ``"bilinear"``: torch's antialiased bilinear resize of the whole uint8 clip at once (faster, and it
+  runs on any device); it differs from Pillow's bicubic by about 1 grey level on average.
 
 Speed: crops are slices; the resize runs on uint8 channels-last data (torch's vectorised antialias
 path); jitter runs in float on the already-small S x S clip, with a vectorised HSV hue shift
@@ -23,11 +30,13 @@ from __future__ import annotations
 
 from typing import Callable, List, Optional, Sequence, Tuple
 
+import numpy as np
 import torch
 import torch.nn.functional as nnf
+from PIL import Image
 
 __all__ = ["CLIP_MEAN", "CLIP_STD", "TrainTransform", "TestTransform", "build_transform",
-           "adjust_hue", "normalize"]
+           "adjust_hue", "normalize", "TEST_RESIZES"]
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -46,6 +55,19 @@ def _resize(clip: torch.Tensor, height: int, width: int) -> torch.Tensor:
     clip = clip.contiguous(memory_format=torch.channels_last)
     return nnf.interpolate(clip, size=(height, width), mode="bilinear", antialias=True,
                            align_corners=False)
+
+
+TEST_RESIZES = ("pil_bicubic", "bilinear")
+
+
+def _resize_pil_bicubic(clip: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """Pillow bicubic resize of every frame of a uint8 ``(T, 3, h, w)`` clip (the published test view)."""
+    if clip.shape[-2:] == (height, width):
+        return clip  # torchvision's Resize returns such a frame untouched
+    frames = clip.permute(0, 2, 3, 1).numpy()  # (T, h, w, 3); a view of the reader's channels-last memory
+    out = np.stack([np.asarray(Image.fromarray(np.ascontiguousarray(f)).resize((width, height), Image.BICUBIC))
+                    for f in frames])
+    return torch.from_numpy(out).permute(0, 3, 1, 2)  # (T, height, width, 3) -> (T, 3, height, width)
 
 
 def _to_float(clip: torch.Tensor) -> torch.Tensor:
@@ -191,12 +213,15 @@ class TestTransform:
 
     __test__ = False  # not a pytest test class, despite the name
 
-    def __init__(self, input_size: int = 224, num_crops: int = 1,
+    def __init__(self, input_size: int = 224, num_crops: int = 1, resize: str = "pil_bicubic",
                  mean: Sequence[float] = CLIP_MEAN, std: Sequence[float] = CLIP_STD):
         if num_crops not in (1, 3):
             raise ValueError(f"num_crops must be 1 or 3, got {num_crops}")
+        if resize not in TEST_RESIZES:
+            raise ValueError(f"test resize must be one of {TEST_RESIZES}, got {resize!r}")
         self.size = int(input_size)
         self.num_crops = num_crops
+        self.resize = resize
         self.scale_size = int(self.size * 256 / 224) if num_crops == 1 else self.size
         self.mean, self.std = mean, std
 
@@ -207,7 +232,7 @@ class TestTransform:
         short = self.scale_size
         # Short side -> scale_size, keeping the aspect ratio (long side truncated, as torchvision).
         nh, nw = (short, int(short * w / h)) if h <= w else (int(short * h / w), short)
-        x = _resize(clip, nh, nw)
+        x = (_resize_pil_bicubic if self.resize == "pil_bicubic" else _resize)(clip, nh, nw)
         S = self.size
         if self.num_crops == 1:
             top, left = int(round((nh - S) / 2.0)), int(round((nw - S) / 2.0))
@@ -234,7 +259,8 @@ def build_transform(mode: str, input_size: int = 224, flip: bool = True,
         mode: ``"train"``: :class:`TrainTransform` (``flip=False`` for Something-Something);
             ``"test"``: :class:`TestTransform` with ``num_crops`` 1 or 3.
         input_size: S, the output side.
-        options: passed to the transform class (e.g. ``scales``, ``jitter_p``, ``mean``, ``std``).
+        options: passed to the transform class (e.g. ``scales``, ``jitter_p``, ``mean``, ``std``; ``resize``
+            for testing).
 
     Returns:
         ``transform(clip_uint8_T3HW, generator=None)`` -> float32 ``(T, 3, S, S)``, or

@@ -25,14 +25,26 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from .lists import VideoRecord, read_list_file
+from .lists import PathRules, VideoRecord, check_labels_match_names, read_list_file
 from .readers import FrameFolder, SampleLoadError, open_source
 from .sampling import sample_indices
 from .transforms import build_transform
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["VideoDataset", "load_video_clip", "failure_summary_line"]
+__all__ = ["VideoDataset", "load_video_clip", "failure_summary_line", "TEST_RULES"]
+
+# The test-time rules (config ``eval.rules``): which frames (datasets.sampling) and which resize (datasets.transforms).
+# "published": exactly the published T2L test code; "centre": segment centres and torch's bilinear resize.
+TEST_RULES = {"published": {"frames": "published", "resize": "pil_bicubic"},
+              "centre": {"frames": "centre", "resize": "bilinear"}}
+
+
+def _rules(rules: str) -> dict:
+    if rules not in TEST_RULES:
+        raise ValueError(f"test rules must be one of {tuple(TEST_RULES)}, got {rules!r}")
+    return TEST_RULES[rules]
+
 
 # After this many failed samples in a row the data is presumably wrong as a whole (bad root,
 # wrong template): stop instead of silently cycling through the list.
@@ -65,9 +77,9 @@ def _frame_count(source, listed: int) -> int:
     return n
 
 
-def _test_views(source, n: int, num_frames: int, num_clips: int, transform) -> torch.Tensor:
+def _test_views(source, n: int, num_frames: int, num_clips: int, transform, frame_rule: str) -> torch.Tensor:
     """All test views of one video: ``(num_clips * num_crops, T, 3, S, S)``, clip-major."""
-    idx = sample_indices(n, num_frames, "test", num_clips=num_clips)  # (C, T)
+    idx = sample_indices(n, num_frames, "test", num_clips=num_clips, rule=frame_rule)  # (C, T)
     frames = source.read(idx.reshape(-1))  # (C*T, 3, H, W), decoded once for all clips
     x = transform(frames)  # (C*T, 3, S, S) or (K, C*T, 3, S, S): the test transform is per frame
     if x.dim() == 4:
@@ -91,8 +103,17 @@ class VideoDataset(Dataset):
         image_tmpl, index_start: frame-file naming for frame folders.
         flip: horizontal flip in training (False for Something-Something).
         num_clips, num_crops: test views per video.
+        test_rules: ``"published"`` (the published test code's frames and Pillow bicubic resize) or
+            ``"centre"`` (segment centres, torch bilinear resize); see ``TEST_RULES``.
         on_error: ``"skip"`` or ``"raise"`` (see the module docstring).
         num_classes: when given, labels outside ``[0, num_classes)`` are an error at construction.
+        class_names: when given (with ``classes_source``, the class file's name for messages), a list whose
+            labels point at classes other than the ones its videos are named after is an error at construction
+            (``datasets.lists.label_name_mismatches``); ``check_labels=False`` turns that check off.
+        paths: :class:`~datasets.lists.PathRules` for the list's paths (published split files).
+        train_sampling: ``"segments"``: one random frame per segment (TSN); ``"test"``: the test-time frames of
+            ``test_rules`` every epoch (what the published base-to-novel and few-shot configs train with, their
+            ``random_shift: False``); the augmentation stays random either way.
         seed: base seed; the clip of sample ``i`` in epoch ``e`` depends on ``(seed, e, i)`` only.
 
     ``ds[i]`` is a dict: ``video`` float32 ``(T, 3, S, S)`` in training, ``(V, T, 3, S, S)`` with
@@ -103,7 +124,10 @@ class VideoDataset(Dataset):
     def __init__(self, list_file: str, root: Optional[str] = None, num_frames: int = 8,
                  mode: str = "train", input_size: int = 224, image_tmpl: str = "img_{:05d}.jpg",
                  index_start: int = 1, flip: bool = True, num_clips: int = 1, num_crops: int = 1,
-                 on_error: str = "skip", num_classes: Optional[int] = None, seed: int = 0):
+                 on_error: str = "skip", num_classes: Optional[int] = None, seed: int = 0,
+                 test_rules: str = "published", class_names: Optional[List[str]] = None,
+                 classes_source: str = "the class list", check_labels: bool = True,
+                 paths: Optional[PathRules] = None, train_sampling: str = "segments"):
         if mode not in ("train", "test"):
             raise ValueError(f"mode must be 'train' or 'test', got {mode!r}")
         if on_error not in ("skip", "raise"):
@@ -112,11 +136,18 @@ class VideoDataset(Dataset):
             raise ValueError(f"num_frames must be >= 1, got {num_frames}")
         if num_clips < 1:
             raise ValueError(f"num_clips must be >= 1, got {num_clips}")
+        if train_sampling not in ("segments", "test"):
+            raise ValueError(f"train_sampling must be 'segments' or 'test', got {train_sampling!r}")
+        self.train_sampling = train_sampling
         if mode == "train" and (num_clips != 1 or num_crops != 1):
             raise ValueError("num_clips and num_crops are test-time options; training takes one view")
         _check_template(image_tmpl)
         self.list_file = os.fspath(list_file)
-        self.records: List[VideoRecord] = read_list_file(list_file, root=root, num_classes=num_classes)
+        if class_names is not None:
+            num_classes = len(class_names) if num_classes is None else num_classes
+        self.records: List[VideoRecord] = read_list_file(list_file, root=root, num_classes=num_classes, paths=paths)
+        if class_names is not None and check_labels:
+            check_labels_match_names(self.records, class_names, self.list_file, classes_source)
         self.num_frames = int(num_frames)
         self.mode = mode
         self.input_size = int(input_size)
@@ -130,8 +161,12 @@ class VideoDataset(Dataset):
         # The epoch lives in shared memory so that persistent DataLoader workers (which hold their
         # own copies of the dataset) see set_epoch() too.
         self._epoch = torch.zeros((), dtype=torch.int64).share_memory_()
-        self.transform = build_transform(mode, self.input_size, flip=flip,
-                                         num_crops=self.num_crops if mode == "test" else 1)
+        self.test_rules = _rules(test_rules)
+        if mode == "test":
+            self.transform = build_transform("test", self.input_size, num_crops=self.num_crops,
+                                             resize=self.test_rules["resize"])
+        else:
+            self.transform = build_transform("train", self.input_size, flip=flip)
         # Failures seen by *this process* (index, path, reason): complete only with num_workers=0.
         self._failures: List[tuple] = []
 
@@ -165,9 +200,13 @@ class VideoDataset(Dataset):
         source = open_source(rec.path, self.image_tmpl, self.index_start)
         n = _frame_count(source, rec.num_frames)
         if self.mode == "test":
-            return _test_views(source, n, self.num_frames, self.num_clips, self.transform)
+            return _test_views(source, n, self.num_frames, self.num_clips, self.transform,
+                               self.test_rules["frames"])
         np_rng, torch_gen = self._generators(index)
-        idx = sample_indices(n, self.num_frames, "train", rng=np_rng)
+        if self.train_sampling == "test":
+            idx = sample_indices(n, self.num_frames, "test", rule=self.test_rules["frames"])[0]
+        else:
+            idx = sample_indices(n, self.num_frames, "train", rng=np_rng)
         return self.transform(source.read(idx), torch_gen)
 
     def __getitem__(self, index: int) -> Dict[str, object]:
@@ -223,10 +262,11 @@ def failure_summary_line(num_failed: int, num_samples: int, name: str = "") -> s
 
 def load_video_clip(path: str, num_frames: int = 8, input_size: int = 224, num_clips: int = 1,
                     num_crops: int = 1, image_tmpl: str = "img_{:05d}.jpg",
-                    index_start: int = 1, listed_frames: int = 0) -> torch.Tensor:
+                    index_start: int = 1, listed_frames: int = 0, test_rules: str = "published") -> torch.Tensor:
     """Exactly the dataset's test pipeline for one frames folder or video file.
 
-    ``listed_frames`` is a list file's frame count (0: count the frames, as the dataset does).
+    ``listed_frames`` is a list file's frame count (0: count the frames, as the dataset does); ``test_rules`` as
+    for :class:`VideoDataset`.
 
     Returns:
         float32 ``(num_clips * num_crops, T, 3, S, S)``, clip-major, CLIP-normalised.
@@ -237,5 +277,6 @@ def load_video_clip(path: str, num_frames: int = 8, input_size: int = 224, num_c
     _check_template(image_tmpl)
     source = open_source(os.fspath(path), image_tmpl, index_start)
     n = _frame_count(source, int(listed_frames))
-    transform = build_transform("test", input_size, num_crops=num_crops)
-    return _test_views(source, n, num_frames, num_clips, transform)
+    rules = _rules(test_rules)
+    transform = build_transform("test", input_size, num_crops=num_crops, resize=rules["resize"])
+    return _test_views(source, n, num_frames, num_clips, transform, rules["frames"])

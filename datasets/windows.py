@@ -94,9 +94,9 @@ def plan_windows(num_frames: int, window: int, stride: int) -> list:
     return [Window(i, s, window) for i, s in enumerate(starts)]
 
 
-def window_frames(w: Window, num_frames: int, num_clips: int = 1) -> np.ndarray:
+def window_frames(w: Window, num_frames: int, num_clips: int = 1, frame_rule: str = "published") -> np.ndarray:
     """The 0-based video frames that the test views of window ``w`` sample (sorted, unique)."""
-    rel = sample_indices(w.length, num_frames, "test", num_clips=num_clips)
+    rel = sample_indices(w.length, num_frames, "test", num_clips=num_clips, rule=frame_rule)
     return np.unique(w.start + rel.reshape(-1))
 
 
@@ -138,7 +138,7 @@ class WindowStream:
     """The test views of every window of one video, in order: ``for window, views in WindowStream(...)``.
 
     ``views`` is float32 ``(V, T, 3, S, S)``, exactly what ``datasets.load_video_clip`` gives for a video made of the
-    window's frames. Attributes after (or during) the pass: ``decoded`` (frames decoded), ``max_cached`` (most RGB
+    window's frames, with ``transform`` and ``frame_rule`` of the same test rules (``datasets.TEST_RULES``). Attributes after (or during) the pass: ``decoded`` (frames decoded), ``max_cached`` (most RGB
     frames held at once: the memory bound), ``complete`` (every planned window was emitted), ``length`` (frames the
     video turned out to have: the header's count, or fewer when the stream ended before it).
 
@@ -147,12 +147,14 @@ class WindowStream:
     """
 
     def __init__(self, path: str, windows: Iterable[Window], num_frames: int, transform, num_clips: int = 1,
-                 total_frames: Optional[int] = None, image_tmpl: str = "img_{:05d}.jpg", index_start: int = 1):
+                 total_frames: Optional[int] = None, image_tmpl: str = "img_{:05d}.jpg", index_start: int = 1,
+                 frame_rule: str = "published"):
         self.path = os.fspath(path)
         self.windows = list(windows)
         self.num_frames = int(num_frames)
         self.num_clips = int(num_clips)
         self.transform = transform
+        self.frame_rule = frame_rule
         self.total_frames = total_frames
         self.image_tmpl, self.index_start = image_tmpl, index_start
         self.decoded = 0
@@ -161,7 +163,8 @@ class WindowStream:
         self.length = total_frames
 
     def _views(self, w: Window, read: Callable) -> torch.Tensor:
-        return _test_views(_Offset(read, w.start), w.length, self.num_frames, self.num_clips, self.transform)
+        return _test_views(_Offset(read, w.start), w.length, self.num_frames, self.num_clips, self.transform,
+                           self.frame_rule)
 
     def __iter__(self) -> Iterator[tuple]:
         if os.path.isdir(self.path):  # frames folders allow random access: read window by window
@@ -221,7 +224,7 @@ class WindowStream:
                 self.decoded = k + 1
                 last_frame = frame
                 while upcoming is not None and upcoming.start <= k:  # windows start in order
-                    frames = window_frames(upcoming, self.num_frames, self.num_clips)
+                    frames = window_frames(upcoming, self.num_frames, self.num_clips, self.frame_rule)
                     frames = np.minimum(frames, total - 1)
                     need.update(frames.tolist())
                     pending.append((upcoming, frames))

@@ -2,11 +2,11 @@
 from .checkpoint import (CheckpointError, load_t2l, make_checkpoint, ours_to_published, published_to_ours,
                          random_clip, save_published)
 from .losses import T2LLoss, alignment_loss, tfd_loss
-from .t2l import T2L, T2LOptions, build_t2l
+from .t2l import T2L, T2LOptions, build_t2l, convert_to_fp16_like_published
 from .text import TEMPLATES, class_texts, read_descriptions, tokenize_class_texts
 
 __all__ = [
-    "T2L", "T2LOptions", "build_t2l", "load_t2l", "make_checkpoint", "save_published", "ours_to_published",
+    "T2L", "T2LOptions", "build_t2l", "convert_to_fp16_like_published", "load_t2l", "make_checkpoint", "save_published", "ours_to_published",
     "published_to_ours", "random_clip", "CheckpointError", "alignment_loss", "tfd_loss", "T2LLoss", "TEMPLATES",
     "class_texts", "read_descriptions", "tokenize_class_texts",
 ]

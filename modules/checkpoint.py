@@ -211,6 +211,51 @@ def load_t2l(path: str | Path, clip_model: Optional[torch.nn.Module] = None, tru
     return model
 
 
+def init_from_checkpoint(model: T2L, path: str | Path, trust: bool = False) -> None:
+    """Start ``model`` (a freshly built T2L) from the T2L tensors of a checkpoint: ours or a published one.
+
+    The frozen CLIP is not taken from the file: it is ``model``'s. A checkpoint of ours must name the same backbone
+    (``check_backbone``); a published one carries its CLIP, which must equal ``model``'s (to fp16 rounding, the
+    precision the published files are saved in), or the fine-tuned model would not be the published one. Frame
+    count, variant and adapter sizes must match the model; every mismatch is an error naming the tensor.
+    """
+    source = str(path)
+    if Path(path).is_dir():  # a model folder: its T2L tensors, trained on the backbone it records
+        from .model_folder import read_model_folder
+
+        config, t2l_sd, _ = read_model_folder(path)
+        check_backbone(config["backbone"], model.clip, source=source)
+        load_t2l_tensors(model, t2l_sd, source=source)
+        logger.info("initialised the T2L tensors from the model folder %s", source)
+        return
+    ckpt = read_checkpoint(path, trust=trust)
+    if ckpt.get("format") == FORMAT:
+        check_backbone(ckpt.get("backbone") or {}, model.clip, source=source)
+        t2l_sd = ckpt["model"]
+    elif is_published(ckpt):
+        clip_sd, t2l_sd = published_to_ours(ckpt.get("model_state_dict", ckpt))
+        ours = model.clip.state_dict()
+        missing = sorted(set(ours) - set(clip_sd))
+        if missing:
+            raise CheckpointError(f"{source}: its CLIP lacks {', '.join(missing[:5])}: not the CLIP of this model")
+        differ = []
+        for k, v in ours.items():
+            w = clip_sd[k]
+            if tuple(w.shape) != tuple(v.shape):
+                differ.append(f"{k} (shape {tuple(w.shape)} vs {tuple(v.shape)})")
+            elif not torch.allclose(w.float(), v.float(), rtol=2.0 ** -10, atol=1e-7):
+                differ.append(f"{k} (max difference {float((w.float() - v.float()).abs().max()):.3g})")
+        if differ:
+            raise CheckpointError(f"{source}: its frozen CLIP differs from network.pretrained's in {len(differ)} "
+                                  f"tensor(s), e.g. {'; '.join(differ[:3])}; set network.pretrained to the CLIP the "
+                                  f"checkpoint was trained on")
+    else:
+        raise CheckpointError(f"{source} is neither a T2L checkpoint of this project nor a published T2L checkpoint "
+                              f"(top-level keys {sorted(map(str, ckpt))[:10]}); network.init_from takes one of those")
+    load_t2l_tensors(model, t2l_sd, source=source)
+    logger.info("initialised the T2L tensors from %s (epoch %s)", source, ckpt.get("epoch"))
+
+
 def build_backbone(backbone: dict, source: str = "checkpoint") -> torch.nn.Module:
     """Rebuild the frozen CLIP a checkpoint of ours names: a seeded random CLIP (demo, tests) or ``clip.load``."""
     import clip

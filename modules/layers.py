@@ -27,10 +27,24 @@ class Adapter(nn.Module):
         return self.up(F.gelu(self.down(x)))  # exact (erf) GELU, as published
 
 
-def drop_path(x: torch.Tensor, rate: float, training: bool) -> torch.Tensor:
-    """Stochastic depth: drop the whole branch for a random subset of the samples (dim 0), rescale the rest."""
+DROP_PATH_MODES = ("positions", "samples")
+
+
+def drop_path(x: torch.Tensor, rate: float, training: bool, mode: str = "samples") -> torch.Tensor:
+    """Stochastic depth on a residual branch x (B, N, ...), the kept values rescaled by 1 / (1 - rate).
+
+    mode "samples": the whole branch is dropped for a random subset of the samples (dim 0), the usual stochastic
+    depth. mode "positions": a random subset of the token positions (dim 1) is dropped for every sample at once:
+    what the published T2L code does, because it applies timm's per-sample rule to a sequence-first tensor.
+    """
     if rate == 0.0 or not training:
         return x
     keep = 1.0 - rate
-    mask = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(keep)
+    if mode == "samples":
+        shape = (x.shape[0],) + (1,) * (x.ndim - 1)
+    elif mode == "positions":
+        shape = (1, x.shape[1]) + (1,) * (x.ndim - 2)
+    else:
+        raise ValueError(f"drop path mode must be one of {DROP_PATH_MODES}, got {mode!r}")
+    mask = x.new_empty(shape).bernoulli_(keep)
     return x * mask / keep

@@ -12,7 +12,7 @@ Layout of the folder:
   README.md          the model card: what it is, the backbone, how it was trained (when the checkpoint says), use
 
 Loading (:func:`load_model_folder`, which ``modules.load_t2l``, ``features.load_model``, predict.py, test.py,
-extract_features.py and search.py reach for a folder) reads the JSON and the safetensors file and nothing else: a
+extract_features.py and search.py reach for a folder; train.py's ``network.init_from`` takes its T2L tensors) reads the JSON and the safetensors file and nothing else: a
 file in the folder that is not safetensors (a renamed ``.pt`` pickle, say) is refused, never unpickled. A ``t2l``
 folder rebuilds its frozen backbone from the record (the seeded random CLIP, or ``clip.load(name)`` checked against
 the recorded SHA-256: that is the backbone's own file, read as ``clip.load`` reads it); a ``full`` folder needs
@@ -35,7 +35,7 @@ from .t2l import T2L, build_t2l
 logger = logging.getLogger(__name__)
 
 __all__ = ["MODEL_FORMAT", "WEIGHTS_FILE", "CONFIG_FILE", "CARD_FILE", "is_model_folder", "export_model_folder",
-           "load_model_folder", "read_folder_config"]
+           "load_model_folder", "read_model_folder", "read_folder_config"]
 
 MODEL_FORMAT = "t2l-model"
 MODEL_VERSION = 1
@@ -146,6 +146,21 @@ def _clip_from_tensors(tensors: dict, config: dict, source: str) -> torch.nn.Mod
     return model
 
 
+def read_model_folder(folder: PathLike) -> tuple:
+    """(config.json, T2L tensors, CLIP tensors (empty for a ``t2l`` folder)) of a model folder; no pickle is read."""
+    folder = Path(folder)
+    config = read_folder_config(folder)
+    tensors = _read_weights(folder, config)
+    clip_sd = {k[len(CLIP_PREFIX):]: v for k, v in tensors.items() if k.startswith(CLIP_PREFIX)}
+    t2l_sd = {k: v for k, v in tensors.items() if not k.startswith(CLIP_PREFIX)}
+    if config["weights"] == "full" and not clip_sd:
+        raise CheckpointError(f"{folder}: {CONFIG_FILE} says the weights are complete, but {WEIGHTS_FILE} holds no "
+                              f"clip.* tensors")
+    if config["weights"] == "t2l" and clip_sd:
+        raise CheckpointError(f"{folder}: {WEIGHTS_FILE} holds clip.* tensors, but {CONFIG_FILE} says T2L tensors only")
+    return config, t2l_sd, clip_sd
+
+
 def load_model_folder(folder: PathLike, clip_model: Optional[torch.nn.Module] = None, **options) -> T2L:
     """The T2L model of a folder written by :func:`export_model_folder`; no pickle is read.
 
@@ -153,16 +168,8 @@ def load_model_folder(folder: PathLike, clip_model: Optional[torch.nn.Module] = 
     ``options``: T2L options that do not change tensor shapes, as ``load_t2l`` takes them.
     """
     folder = Path(folder)
-    config = read_folder_config(folder)
-    tensors = _read_weights(folder, config)
     source = str(folder)
-    clip_sd = {k[len(CLIP_PREFIX):]: v for k, v in tensors.items() if k.startswith(CLIP_PREFIX)}
-    t2l_sd = {k: v for k, v in tensors.items() if not k.startswith(CLIP_PREFIX)}
-    if config["weights"] == "full" and not clip_sd:
-        raise CheckpointError(f"{source}: {CONFIG_FILE} says the weights are complete, but {WEIGHTS_FILE} holds no "
-                              f"clip.* tensors")
-    if config["weights"] == "t2l" and clip_sd:
-        raise CheckpointError(f"{source}: {WEIGHTS_FILE} holds clip.* tensors, but {CONFIG_FILE} says T2L tensors only")
+    config, t2l_sd, clip_sd = read_model_folder(folder)
     backbone = config["backbone"]
     if clip_model is not None:
         check_backbone(backbone, clip_model, source=source)

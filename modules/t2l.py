@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from .layers import Adapter, drop_path
+from .layers import DROP_PATH_MODES, Adapter, drop_path
 
 logger = logging.getLogger(__name__)
 
@@ -34,13 +34,21 @@ class T2LOptions:
     train_temporal_embedding: bool = False  # published: zero and frozen, kept for the checkpoint layout
     prompt_dropout: float = 0.1          # dropout on the temporal tokens during training
     drop_path_rate: float = 0.1          # stochastic depth, linspace(0, rate, layers) over the blocks
+    # "positions": stochastic depth drops token positions for the whole batch, as the published code does (it
+    # applies a per-sample rule to sequence-first tensors); "samples": it drops whole samples (the usual rule).
+    drop_path_mode: str = "positions"
+    # Dropout on the attention probabilities of both towers, linspace(0, rate, layers) over the blocks, as the
+    # published code's nn.MultiheadAttention(dropout=...) does (the temporal-summary attention included).
+    attention_dropout_rate: float = 0.1
     activation_checkpointing: bool = False
 
     def __post_init__(self):
         if self.temporal_tokens not in TEMPORAL_TOKEN_MODES:
             raise ValueError(f"temporal_tokens must be one of {TEMPORAL_TOKEN_MODES}, got {self.temporal_tokens!r}")
-        if not 0.0 <= self.prompt_dropout < 1.0 or not 0.0 <= self.drop_path_rate < 1.0:
-            raise ValueError("prompt_dropout and drop_path_rate must lie in [0, 1)")
+        if self.drop_path_mode not in DROP_PATH_MODES:
+            raise ValueError(f"drop_path_mode must be one of {DROP_PATH_MODES}, got {self.drop_path_mode!r}")
+        if not all(0.0 <= r < 1.0 for r in (self.prompt_dropout, self.drop_path_rate, self.attention_dropout_rate)):
+            raise ValueError("prompt_dropout, drop_path_rate and attention_dropout_rate must lie in [0, 1)")
         if self.adapter_ratio <= 0:
             raise ValueError(f"adapter_ratio must be positive, got {self.adapter_ratio}")
 
@@ -100,9 +108,11 @@ class T2L(nn.Module):
                                 if options.vision_adapters else None)
         self.text_adapters = (nn.ModuleList([Adapter(t_width, options.adapter_ratio) for _ in range(t_layers)])
                               if options.text_adapters else None)
-        # Stochastic depth rates per block, shared by the two towers as published.
+        # Stochastic depth and attention dropout rates per block, rising over the blocks in both towers as published.
         self.vision_drop_rates = _linspace(options.drop_path_rate, v_layers)
         self.text_drop_rates = _linspace(options.drop_path_rate, t_layers)
+        self.vision_attn_drop_rates = _linspace(options.attention_dropout_rate, v_layers)
+        self.text_attn_drop_rates = _linspace(options.attention_dropout_rate, t_layers)
 
     # ------------------------------------------------------------------ parameters
     def train(self, mode: bool = True) -> "T2L":
@@ -143,6 +153,9 @@ class T2L(nn.Module):
         return report
 
     # ------------------------------------------------------------------ vision
+    def _drop_path(self, x: torch.Tensor, rate: float) -> torch.Tensor:
+        return drop_path(x, rate, self.training, self.options.drop_path_mode)
+
     def _vision_block(self, index: int, x: torch.Tensor, batch: int, padded: bool = False) -> torch.Tensor:
         """One vision block. x: (B*T, N, D) -> (B*T, N, D).
 
@@ -153,6 +166,7 @@ class T2L(nn.Module):
         """
         block = self.clip.visual.transformer.resblocks[index]
         rate = self.vision_drop_rates[index]
+        attn_p = self.vision_attn_drop_rates[index] if self.training else 0.0
         BT, L, D = x.shape
         T = BT // batch
         N = L - 1 if padded else L
@@ -162,21 +176,21 @@ class T2L(nn.Module):
             # Per frame: its temporal token plus the mean of its N tokens. (B*T, N, D) -> (B, T, D)
             s = x.view(batch, T, L, D)[:, :, :N].mean(dim=2) + prompt
             # The T frame summaries of each video attend to each other through the block's frozen attention.
-            u = drop_path(block.attn(block.ln_1(s)), rate, self.training).reshape(BT, 1, D)
+            u = self._drop_path(block.attn(block.ln_1(s), dropout_p=attn_p), rate).reshape(BT, 1, D)
             # Frame t sees its summary u[b, t] as an extra token; its output is dropped afterwards.
             if padded:
                 x[:, N:] = u.to(x.dtype)
-                x = x + drop_path(block.attn(block.ln_1(x)), rate, self.training)
+                x = x + self._drop_path(block.attn(block.ln_1(x), dropout_p=attn_p), rate)
             else:
                 xu = torch.cat([x, u.to(x.dtype)], dim=1)  # (B*T, N+1, D)
-                x = x + drop_path(block.attn(block.ln_1(xu))[:, :N], rate, self.training)
+                x = x + self._drop_path(block.attn(block.ln_1(xu), dropout_p=attn_p)[:, :N], rate)
         else:
             if padded:
                 raise ValueError("the padded layout needs a temporal token in every block")
-            x = x + drop_path(block.attn(block.ln_1(x)), rate, self.training)
+            x = x + self._drop_path(block.attn(block.ln_1(x), dropout_p=attn_p), rate)
         if self.vision_adapters is not None:
             x = x + self.vision_adapters[index](x)
-        return x + drop_path(block.mlp(block.ln_2(x)), rate, self.training)
+        return x + self._drop_path(block.mlp(block.ln_2(x)), rate)
 
     def encode_video(self, videos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Clips (B, T, 3, H, W) -> (video_emb (B, E), frame_emb (B, T, E)), not normalised."""
@@ -214,10 +228,11 @@ class T2L(nn.Module):
     def _text_block(self, index: int, x: torch.Tensor) -> torch.Tensor:
         block = self.clip.transformer.resblocks[index]
         rate = self.text_drop_rates[index]
-        x = x + drop_path(block.attn(block.ln_1(x), is_causal=True), rate, self.training)
+        attn_p = self.text_attn_drop_rates[index] if self.training else 0.0
+        x = x + self._drop_path(block.attn(block.ln_1(x), is_causal=True, dropout_p=attn_p), rate)
         if self.text_adapters is not None:
             x = x + self.text_adapters[index](x)
-        return x + drop_path(block.mlp(block.ln_2(x)), rate, self.training)
+        return x + self._drop_path(block.mlp(block.ln_2(x)), rate)
 
     def encode_text(self, tokens: torch.Tensor) -> torch.Tensor:
         """Token ids (N, L) from ``clip.tokenize`` -> text embeddings (N, E), not normalised."""
@@ -252,8 +267,35 @@ def build_t2l(clip_model: nn.Module, num_frames: int = 8, **options) -> T2L:
 
     ``options`` are the fields of :class:`T2LOptions` (``temporal_tokens="deep"|"shallow"|"none"``,
     ``adapter_ratio``, ``vision_adapters``, ``text_adapters``, ``train_temporal_embedding``, ``prompt_dropout``,
-    ``drop_path_rate``, ``activation_checkpointing``). The parameter report is logged.
+    ``drop_path_rate``, ``drop_path_mode``, ``attention_dropout_rate``, ``activation_checkpointing``). The parameter
+    report is logged.
     """
     model = T2L(clip_model, num_frames=num_frames, options=T2LOptions.from_dict(options))
     model.log_parameter_report()
+    return model
+
+
+def convert_to_fp16_like_published(model: nn.Module) -> nn.Module:
+    """Cast the tensors the published code keeps in fp16 (its ``clip.model.convert_weights``), in place.
+
+    The weights and biases of every linear and convolution layer (the adapters included), the fused attention
+    projection and the two output projections (``visual.proj``, ``text_projection``) become fp16; LayerNorms,
+    embeddings, the class and positional embeddings, ``logit_scale``, the temporal tokens and the temporal embedding
+    stay fp32 (the forward casts them to the activations' dtype). The published training ran like this on GPUs
+    ("pure fp16" weights, no loss scaling); see utils.precision.Fp16MasterStep for its optimiser step.
+    """
+    from clip.model import Attention
+
+    for module in model.modules():
+        if isinstance(module, (nn.Linear, nn.Conv1d, nn.Conv2d)):
+            module.weight.data = module.weight.data.half()
+            if module.bias is not None:
+                module.bias.data = module.bias.data.half()
+        if isinstance(module, Attention):
+            module.in_proj_weight.data = module.in_proj_weight.data.half()
+            module.in_proj_bias.data = module.in_proj_bias.data.half()
+        for name in ("proj", "text_projection"):
+            p = getattr(module, name, None)
+            if isinstance(p, nn.Parameter):
+                p.data = p.data.half()
     return model

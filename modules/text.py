@@ -14,25 +14,31 @@ import torch
 
 logger = logging.getLogger(__name__)
 
-# 16 prompt templates for action names (METHOD.md "Class texts"); "{}" is the class name.
+# The 16 prompt templates of the published T2L code, word for word (METHOD.md "Class texts"); "{}" is the class
+# name with underscores read as spaces. They end without a period. Capitals do not matter: the tokenizer lowercases.
 TEMPLATES = (
-    "a photo of action {}.",
-    "a picture of action {}.",
-    "human action of {}.",
-    "{}, an action.",
-    "{}, this is an action.",
-    "{}, a video of action.",
-    "playing action of {}.",
+    "a photo of action {}",
+    "a picture of action {}",
+    "Human action of {}",
+    "{}, an action",
+    "{} this is an action",
+    "{}, a video of action",
+    "Playing action of {}",
     "{}",
-    "playing a kind of action, {}.",
-    "doing a kind of action, {}.",
-    "look, the human is {}.",
-    "can you recognize the action of {}?",
-    "video classification of {}.",
-    "a video of {}.",
-    "The man is {}.",
-    "The woman is {}.",
+    "Playing a kind of action, {}",
+    "Doing a kind of action, {}",
+    "Look, the human is {}",
+    "Can you recognize the action of {}?",
+    "Video classification of {}",
+    "A video of {}",
+    "The man is {}",
+    "The woman is {}",
 )
+
+# The description column of the published description CSVs (``SNo,Class Name,GPT3 discription``). The published
+# code reads that column with its line breaks removed (not replaced by spaces), so "...remove.\n\n2." becomes
+# "...remove.2."; files with this header are read the same way, so that their tokens are the published ones.
+PUBLISHED_DESCRIPTION_COLUMN = "GPT3 discription"
 
 
 def readable_name(name: str) -> str:
@@ -40,40 +46,57 @@ def readable_name(name: str) -> str:
     return name.replace("_", " ").strip()
 
 
+def name_key(name: str) -> str:
+    """What two spellings of one class name share: ``brush_hair``, ``Brush Hair`` and ``brush  hair`` match."""
+    return " ".join(name.replace("_", " ").lower().split())
+
+
 def read_descriptions(path: str | Path) -> dict[str, str]:
     """Read a descriptions CSV (header ``SNo,Class Name,<description column>``) -> {class name: description}.
 
-    Errors name the file and the line: a missing column, an empty description, a class described twice.
+    Errors name the file and the line: a missing column, an empty description, a class described twice (also
+    under another spelling, ``brush_hair`` / ``brush hair``). In a published description CSV (third column
+    ``GPT3 discription``) line breaks are removed as the published code removes them.
     """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"class descriptions file not found: {path}")
-    with path.open(newline="", encoding="utf-8") as f:
+    with path.open(newline="", encoding="utf-8-sig") as f:
         reader = csv.reader(f)
         header = next(reader, None)
         if header is None or len(header) < 3 or header[1].strip() != "Class Name":
             raise ValueError(f"{path}:1: expected the header 'SNo,Class Name,<description>', got {header}")
+        published = header[2].strip() == PUBLISHED_DESCRIPTION_COLUMN
         out: dict[str, str] = {}
-        for line_no, row in enumerate(reader, start=2):
+        keys: dict[str, tuple[str, int]] = {}
+        for row in reader:
+            line_no = reader.line_num  # the line a (possibly multi-line, quoted) row ends on
             if not row or not any(cell.strip() for cell in row):
                 continue
             if len(row) < 3:
                 raise ValueError(f"{path}:{line_no}: expected 3 columns (SNo, Class Name, description), got {row}")
-            name, text = row[1].strip(), row[2].strip()
+            name = row[1].strip()
+            text = (row[2].replace("\n", "") if published else row[2]).strip()
             if not text:
                 raise ValueError(f"{path}:{line_no}: empty description for class {name!r}")
-            if name in out:
-                raise ValueError(f"{path}:{line_no}: class {name!r} is described twice")
+            if name_key(name) in keys:
+                other, other_line = keys[name_key(name)]
+                raise ValueError(f"{path}:{line_no}: class {name!r} is described twice (line {other_line}: "
+                                 f"{other!r})")
+            keys[name_key(name)] = (name, line_no)
             out[name] = text
     return out
 
 
 def class_texts(class_names: Sequence[str], descriptions: Optional[dict[str, str]] = None,
-                mode: str = "descriptions", source: str = "descriptions") -> list[list[str]]:
+                mode: str = "descriptions", source: str = "descriptions",
+                missing: str = "error") -> list[list[str]]:
     """The texts of each class: ``texts[v][k]`` is view v of class k.
 
-    mode "descriptions": one view, the class's description; a class without one falls back to the first
-    template (a single view holds one text per class) and a warning names it.
+    mode "descriptions": one view, the class's description. Class names are matched to the descriptions' names
+    ignoring case and ``_`` versus spaces (``brush_hair`` finds ``brush hair``). A class without a description is
+    an error naming it (``missing="error"``, the default: the published code never mixes descriptions and
+    templates); with ``missing="template"`` it gets the first template instead and a warning names it.
     mode "templates": 16 views, one per template; training picks one view per sample, testing averages the
     class probabilities over the views.
     """
@@ -82,19 +105,26 @@ def class_texts(class_names: Sequence[str], descriptions: Optional[dict[str, str
         return [[template.format(readable_name(n)) for n in names] for template in TEMPLATES]
     if mode != "descriptions":
         raise ValueError(f"class text mode must be 'descriptions' or 'templates', got {mode!r}")
-    descriptions = descriptions or {}
-    missing = [n for n in names if n not in descriptions]
-    if missing and len(missing) == len(names) and descriptions:
+    if missing not in ("error", "template"):
+        raise ValueError(f"missing must be 'error' or 'template', got {missing!r}")
+    by_key = {name_key(n): text for n, text in (descriptions or {}).items()}
+    missing_names = [n for n in names if name_key(n) not in by_key]
+    if missing_names and len(missing_names) == len(names) and by_key:
         raise ValueError(f"{source}: none of the {len(names)} classes has a description; the file's names "
                          f"(e.g. {sorted(descriptions)[:3]}) do not match the class list's (e.g. {names[:3]})")
-    if missing:
+    listed = ", ".join(missing_names[:20]) + (" ..." if len(missing_names) > 20 else "")
+    if missing_names and missing == "error":
+        raise ValueError(f"{source}: {len(missing_names)} of {len(names)} classes have no description: {listed}. "
+                         f"Add them, or set data.missing_descriptions: template to use the template "
+                         f"{TEMPLATES[0]!r} for them (the published code never mixes the two)")
+    if missing_names:
         logger.warning("%s: %d class(es) have no description and use the template %r instead: %s", source,
-                       len(missing), TEMPLATES[0], ", ".join(missing[:20]) + (" ..." if len(missing) > 20 else ""))
-    unused = sorted(set(descriptions) - set(names))
+                       len(missing_names), TEMPLATES[0], listed)
+    unused = sorted(set(by_key) - {name_key(n) for n in names})
     if unused:
         logger.warning("%s: %d description(s) match no class in the class list: %s", source, len(unused),
                        ", ".join(unused[:20]) + (" ..." if len(unused) > 20 else ""))
-    return [[descriptions.get(n) or TEMPLATES[0].format(readable_name(n)) for n in names]]
+    return [[by_key.get(name_key(n)) or TEMPLATES[0].format(readable_name(n)) for n in names]]
 
 
 def tokenize_class_texts(texts: list[list[str]], context_length: int = 77) -> torch.Tensor:

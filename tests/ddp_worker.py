@@ -28,7 +28,8 @@ def global_batch(step: int, size: int = 4):
 
 def make_model():
     torch.manual_seed(0)
-    model = build_t2l(random_clip(TINY, 0), num_frames=8, prompt_dropout=0.0, drop_path_rate=0.0)
+    model = build_t2l(random_clip(TINY, 0), num_frames=8, prompt_dropout=0.0, drop_path_rate=0.0,
+                      attention_dropout_rate=0.0)
     with torch.no_grad():
         for name, p in model.named_parameters():
             if not name.startswith("clip.") and p.requires_grad:

@@ -32,12 +32,34 @@ def test_every_shipped_config_validates_and_has_no_absolute_paths(path):
 
 
 def test_paper_recipe_is_the_default():
+    """The published K-400 config's recipe (METHOD.md, "Published code: the exact rules")."""
     cfg = load_config(ROOT / "configs/K-400/k400_train.yaml")
     assert (cfg.data.num_frames, cfg.data.input_size, cfg.data.batch_size) == (8, 224, 80)
     assert (cfg.solver.lr, cfg.solver.weight_decay, cfg.solver.betas, cfg.solver.eps) == (1e-4, 0.2, [0.9, 0.98], 1e-8)
     assert cfg.solver.warmup_epochs == 5 and cfg.network.pretrained == "ViT-B/16"
-    assert cfg.network.t2l.temporal_tokens == "deep" and cfg.network.t2l.drop_path_rate == 0.1
+    assert (cfg.solver.epochs, cfg.solver.lr_update_every, cfg.solver.grad_clip) == (150, 10, 0.0)
+    assert cfg.solver.no_decay_for_1d is False and cfg.solver.precision == "fp16-pure"
+    t2l = cfg.network.t2l
+    assert t2l.temporal_tokens == "deep" and t2l.drop_path_rate == 0.1 and t2l.prompt_dropout == 0.1
+    assert (t2l.drop_path_mode, t2l.attention_dropout_rate) == ("positions", 0.1)
+    assert cfg.eval.rules == "published" and cfg.data.text_mode == "descriptions"
+    # Model selection on K-400 validation only; no test set is evaluated while training.
+    assert [(s.name, s.select_best) for s in cfg.eval.sets] == [("k400_val", True)]
     assert load_config(ROOT / "configs/few_shot/ssv2_2shot.yaml").data.flip is False
+    # The published base-to-novel / few-shot configs train on the test-time frames (random_shift: False), with their
+    # own epochs, lr and batch.
+    b2n = load_config(ROOT / "configs/base_to_novel/ucf101_base_to_novel.yaml")
+    assert (b2n.solver.epochs, b2n.solver.lr, b2n.data.batch_size, b2n.data.train_sampling) == (50, 1e-5, 60, "test")
+    assert not any(s.select_best for s in b2n.eval.sets)
+    fs = load_config(ROOT / "configs/few_shot/ucf101_2shot.yaml")
+    assert (fs.solver.epochs, fs.data.batch_size, fs.network.t2l.attention_dropout_rate) == (100, 4, 0.0)
+
+
+def test_no_shipped_config_selects_a_checkpoint_on_a_test_set():
+    for path in sorted((ROOT / "configs").rglob("*.yaml")):
+        for s in load_config(path).eval.sets:
+            if s.select_best:
+                assert all("val" in Path(lst).name for lst in s.lists), (path, s.name, s.lists)
 
 
 def test_extends_merges_and_opts_override(tmp_path):
@@ -74,5 +96,5 @@ def test_config_errors_name_key_file_and_choices(tmp_path):
 def test_missing_inputs_are_listed_before_any_work(tmp_path):
     cfg = load_config(ROOT / "configs/K-400/k400_train.yaml", [f"data.train_list={tmp_path}/none.txt"])
     with pytest.raises(ConfigError, match=r"(?s)missing inputs.*data.train_list: .*none.txt does not exist.*"
-                                          r"eval.sets\[ucf101\].lists\[0\]"):
+                                          r"eval.sets\[k400_val\].lists\[0\]"):
         check_paths(cfg, train=True)

@@ -136,7 +136,7 @@ def write_frames(root: Path, classes: int = 4, per_class: int = 4, frames: int =
         f"{i + 1},{n},A bright square is {n}.\n" for i, n in enumerate(names)))
 
 
-@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+@pytest.mark.parametrize("precision", ["bf16", "fp16", "fp16-pure"])
 def test_train_and_test_scripts_run_on_the_gpu(tmp_path, precision, monkeypatch):
     import test as test_script
     import train as train_script

@@ -463,19 +463,56 @@ def test_wrong_frame_template_is_reported(tmp_path):
         VideoDataset(lst, image_tmpl="img.jpg")
 
 
-def test_test_transform_matches_a_pil_reference():
+def test_bilinear_test_transform_matches_a_pil_reference():
     # Reference: Pillow resize of the short side to int(S*256/224) + centre crop, per frame.
     T_ = pytest.importorskip("torchvision.transforms")
     g = torch.Generator().manual_seed(0)
     small = torch.randint(0, 256, (2, 3, 15, 20), dtype=torch.uint8, generator=g)
     clip = torch.nn.functional.interpolate(small.float(), size=(60, 80), mode="bilinear").round().to(torch.uint8)
-    ours = build_transform("test", 32)(clip)
+    ours = build_transform("test", 32, resize="bilinear")(clip)
     ref_tf = T_.Compose([T_.Resize(36, interpolation=T_.InterpolationMode.BILINEAR), T_.CenterCrop(32),
                          T_.ToTensor(), T_.Normalize(CLIP_MEAN, CLIP_STD)])
     ref = torch.stack([ref_tf(Image.fromarray(f.permute(1, 2, 0).numpy())) for f in clip])
     diff = ((ours - ref) * torch.tensor(CLIP_STD).view(3, 1, 1)).abs()  # back in [0, 1] units
     # identical in practice; a 1-pixel shift of the crop would give a mean difference of ~29/255
     assert diff.mean() < 0.5 / 255 and diff.max() < 2.0 / 255, (diff.mean(), diff.max())
+
+
+def _published_test_view(frame_hw3: np.ndarray, size: int) -> torch.Tensor:
+    """The published test view of one frame, written out from its rules: PIL bicubic resize of the short side to
+    size * 256 // 224 (long side truncated; no resize when it already has that size), the centre crop at
+    round((h - size) / 2), /255 in float32, minus mean, divided by std."""
+    img = Image.fromarray(frame_hw3)
+    w, h = img.size
+    short = size * 256 // 224
+    if min(w, h) != short:
+        nw, nh = (short, int(short * h / w)) if w <= h else (int(short * w / h), short)
+        img = img.resize((nw, nh), Image.BICUBIC)
+    w, h = img.size
+    top, left = int(round((h - size) / 2.0)), int(round((w - size) / 2.0))
+    img = img.crop((left, top, left + size, top + size))
+    x = torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1).float().div(255)
+    return x.sub_(torch.tensor(CLIP_MEAN)[:, None, None]).div_(torch.tensor(CLIP_STD)[:, None, None])
+
+
+@pytest.mark.parametrize("hw", [(240, 320), (256, 340), (320, 240), (90, 160)])
+def test_published_test_view_is_pil_bicubic_exactly(hw):
+    g = torch.Generator().manual_seed(hw[0])
+    small = torch.randint(0, 256, (3, 3, hw[0] // 10, hw[1] // 10), dtype=torch.uint8, generator=g)
+    clip = torch.nn.functional.interpolate(small.float(), size=hw, mode="bicubic").clamp(0, 255).round().to(torch.uint8)
+    size = 224 if min(hw) >= 224 else 64
+    ours = build_transform("test", size)(clip)  # the default resize is the published one
+    ref = torch.stack([_published_test_view(f.permute(1, 2, 0).contiguous().numpy(), size) for f in clip])
+    assert torch.equal(ours, ref)
+    other = build_transform("test", size, resize="bilinear")(clip)
+    if min(hw) == size * 256 // 224:
+        # Already at the target size: neither resize touches it, the view is the centre crop of the frame.
+        assert torch.equal(other, ref)
+    else:
+        # The bilinear alternative is a different image (about a grey level apart), so the switch matters.
+        assert not torch.equal(other, ref)
+    with pytest.raises(ValueError, match="pil_bicubic"):
+        build_transform("test", size, resize="nearest")
 
 
 def test_multiscale_crop_boxes():

@@ -162,6 +162,13 @@ def test_test_py_loads_a_folder_and_scores_as_the_checkpoint(ckpt, tmp_path, inp
     with pytest.raises(ConfigError, match="test.weights.0.: .*nowhere does not exist"):
         check_paths(load_config(str(REPO / "configs/demo/demo_test.yaml"),
                                 ["eval.sets=[]", f"test.weights={json.dumps([str(tmp_path / 'nowhere')])}"]), False)
+    # train.py's network.init_from takes a folder's T2L tensors too
+    from modules.checkpoint import init_from_checkpoint
+
+    fresh = engine.build_model(cfg)
+    init_from_checkpoint(fresh, out)
+    for (ka, x), (kb, y) in zip(fresh.trainable_state_dict().items(), a.trainable_state_dict().items()):
+        assert ka == kb and torch.equal(x, y), ka
     # a folder trained on another random CLIP than the config's is refused, as a checkpoint is
     cfg_other = load_config(str(REPO / "configs/demo/demo_test.yaml"),
                             [*random_clip_opts(TINY), "network.random_seed=4", "data.input_size=32"])

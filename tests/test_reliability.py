@@ -546,21 +546,31 @@ def test_test_py_refuses_wrong_weight_files_by_name_and_keeps_earlier_results(de
     assert_unchanged_except_log(before, out, log="test_log.txt")
 
 
-def test_missing_descriptions_fall_back_to_the_template_with_a_warning_naming_them(demo, reference, tmp_path):
+def test_missing_descriptions_are_refused_or_on_request_fall_back_with_a_warning(demo, reference, tmp_path):
     from modules import TEMPLATES, tokenize_class_texts
 
     rows = (demo / "descriptions.csv").read_text().splitlines()
     partial = tmp_path / "partial.csv"
     partial.write_text("\n".join(rows[:1] + rows[1:3] + rows[5:]) + "\n")  # classes 2 and 3 are not described
-    names, tokens = engine.class_tokens(str(demo / "classes.csv"), str(partial), "descriptions")
+    names = [line.split(",", 1)[1] for line in (demo / "classes.csv").read_text().splitlines()[1:]]
+    # By default a class without a description stops the run, naming the file and the classes.
+    with pytest.raises(ValueError, match=rf"{re.escape(str(partial))}: 2 of 8 classes have no description: "
+                                         rf"{names[2]}, {names[3]}.*missing_descriptions"):
+        engine.class_tokens(str(demo / "classes.csv"), str(partial), "descriptions")
+    out = tmp_path / "results"
+    sets = (f'eval.sets=[{{name: demo_val, lists: ["{demo}/val.txt"], root: "{demo}/frames", classes: '
+            f'"{demo}/classes.csv", descriptions: "{partial}"}}]')
+    with pytest.raises(ValueError, match="2 of 8 classes have no description"):
+        test_script.main(_test_args(demo, out, sets, weights=[reference / "last.pt"]))
+    assert not (out / "results.json").exists()
+    # On request they get the first template, and a warning names them.
+    names, tokens = engine.class_tokens(str(demo / "classes.csv"), str(partial), "descriptions", missing="template")
     for k in (2, 3):
         assert torch.equal(tokens[0, k], tokenize_class_texts([[TEMPLATES[0].format(names[k])]])[0, 0])
     full_names, full = engine.class_tokens(str(demo / "classes.csv"), str(demo / "descriptions.csv"), "descriptions")
     assert torch.equal(tokens[0, :2], full[0, :2]) and torch.equal(tokens[0, 4:], full[0, 4:])
-    out = tmp_path / "results"
-    res = test_script.main(_test_args(demo, out, f'eval.sets=[{{name: demo_val, lists: ["{demo}/val.txt"], root: '
-                                                 f'"{demo}/frames", classes: "{demo}/classes.csv", descriptions: '
-                                                 f'"{partial}"}}]', weights=[reference / "last.pt"]))
+    res = test_script.main(_test_args(demo, out, sets, "data.missing_descriptions=template",
+                                      weights=[reference / "last.pt"]))
     assert res["results"]["demo_val"]["num_videos"] == 8
     log = (out / "test_log.txt").read_text()
     assert re.search(rf"{re.escape(str(partial))}: 2 class\(es\) have no description and use the template .*"

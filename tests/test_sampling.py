@@ -10,11 +10,49 @@ N, T = 300, 8
 BOUNDS = [0, 37, 75, 112, 150, 187, 225, 262, 300]
 
 
-def test_test_mode_takes_segment_middles():
-    idx = sample_indices(N, T, "test")
+def test_test_mode_centre_rule_takes_segment_middles():
+    idx = sample_indices(N, T, "test", rule="centre")
     assert idx.shape == (1, T) and idx.dtype == np.int64
     # middle of segment i = floor(37.5 * i + 18.75)
     assert idx[0].tolist() == [18, 56, 93, 131, 168, 206, 243, 281]
+
+
+# The published test code's frame choice, 1-based file numbers for T = 8, computed by hand from its formula
+# int(i * n / T + (n / T - 1) / 2) (n > T) and floor(i * n / T) (n <= T), plus the 1-based file offset.
+PUBLISHED_FRAMES = {
+    5: [1, 1, 2, 2, 3, 4, 4, 5],         # n <= T: floor(i * 5 / 8)
+    8: [1, 2, 3, 4, 5, 6, 7, 8],         # n == T: floor(i * 8 / 8)
+    9: [1, 2, 3, 4, 5, 6, 7, 8],         # offset (9/8 - 1)/2 = 0.0625: i * 1.125 + 0.0625
+    37: [2, 7, 12, 16, 21, 25, 30, 35],  # offset 1.8125: i * 4.625 + 1.8125
+    79: [5, 15, 25, 35, 44, 54, 64, 74],  # offset 4.4375: i * 9.875 + 4.4375
+    300: [19, 56, 94, 131, 169, 206, 244, 281],  # offset 18.25: i * 37.5 + 18.25
+}
+
+
+@pytest.mark.parametrize("n", sorted(PUBLISHED_FRAMES))
+def test_published_rule_is_the_published_test_frame_choice(n):
+    assert (sample_indices(n, T, "test")[0] + 1).tolist() == PUBLISHED_FRAMES[n]  # the default rule
+    assert (sample_indices(n, T, "test", rule="published")[0] + 1).tolist() == PUBLISHED_FRAMES[n]
+
+
+def test_published_rule_equals_its_float_formula_for_every_length():
+    # The integer arithmetic must give exactly what the published float expression gives, for any n and T.
+    for t in (1, 2, 3, 8, 16, 32):
+        for n in range(1, 3001):
+            if n <= t:
+                ref = [i * n // t for i in range(t)]
+            else:
+                ref = [int(i * n / t + (n / t - 1) / 2.0) for i in range(t)]
+            assert sample_indices(n, t, "test")[0].tolist() == ref, (n, t)
+
+
+def test_the_two_rules_differ_where_the_issue_measured_it():
+    # 930 of the frame counts 1..1000 give another frame somewhere in the clip (T = 8).
+    differ = sum(not np.array_equal(sample_indices(n, T, "test"), sample_indices(n, T, "test", rule="centre"))
+                 for n in range(1, 1001))
+    assert differ == 930
+    with pytest.raises(ValueError, match="published"):
+        sample_indices(37, T, "test", rule="middle")
 
 
 def test_train_mode_one_random_frame_per_segment_covers_each_segment():
@@ -51,13 +89,17 @@ def test_n_equals_T_uses_every_frame_once():
 
 
 def test_multi_clip_evenly_spaced_and_clip0_of_one_is_middle():
-    one = sample_indices(N, T, "test", num_clips=1)
-    assert np.array_equal(one, sample_indices(N, T, "test"))
-    three = sample_indices(N, T, "test", num_clips=3)
+    for rule in ("published", "centre"):
+        one = sample_indices(N, T, "test", num_clips=1, rule=rule)
+        assert np.array_equal(one, sample_indices(N, T, "test", rule=rule))
+    three = sample_indices(N, T, "test", num_clips=3, rule="centre")
     assert three.shape == (3, T)
     # clip c sits at (c + 0.5) / 3 of every segment of length 37.5
     expected = [[int(37.5 * i + 37.5 * (c + 0.5) / 3) for i in range(T)] for c in range(3)]
     assert three.tolist() == expected
+    # the published rule puts every clip half a frame earlier
+    published = sample_indices(N, T, "test", num_clips=3)
+    assert published.tolist() == [[int(37.5 * i + 37.5 * (c + 0.5) / 3 - 0.5) for i in range(T)] for c in range(3)]
     assert (np.diff(three, axis=0) > 0).all(), "clips must be at distinct, increasing offsets"
     # all clips stay inside their segment
     for i in range(T):

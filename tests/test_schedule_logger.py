@@ -241,3 +241,31 @@ def test_wandb_logger_needs_wandb_and_passes_through(monkeypatch, tmp_path):
     assert calls[1:] == [("log", {"loss": 1.0}, 7), ("finish",)]
     with pytest.raises(ValueError, match="mode"):
         WandbLogger("t2l", mode="sometimes")
+
+
+def test_lr_held_for_ten_steps_as_the_published_schedule():
+    """The published loop sets the lr at iterations 0, 9, 19, 29, ... of every epoch to f(epoch + it / len) with
+    f(x) = lr * x / 5 during 5 warm-up epochs, then lr * (1 + cos(pi * (x - 5) / (E - 5))) / 2."""
+    import math
+
+    spe, epochs, base = 25, 12, 1e-4
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=base)
+    sched = WarmupCosine(opt, total_steps=epochs * spe, warmup_steps=5 * spe, update_every=10, steps_per_epoch=spe)
+
+    def published(x):
+        return base * x / 5 if x < 5 else base * (math.cos(math.pi * (x - 5) / (epochs - 5)) + 1) / 2
+
+    for step in range(epochs * spe):
+        e, it = divmod(step, spe)
+        set_at = 0 if it < 9 else ((it + 1) // 10) * 10 - 1  # the last of 0, 9, 19, ... not after `it`
+        assert opt.param_groups[0]["lr"] == pytest.approx(published(e + set_at / spe), rel=1e-12, abs=1e-20), step
+        opt.step()
+        sched.step()
+    # the held value is restored exactly on resume
+    state = sched.state_dict()
+    other = WarmupCosine(torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=base), total_steps=epochs * spe,
+                         warmup_steps=5 * spe)
+    other.load_state_dict(state)
+    assert other.get_lr() == sched.get_lr() and other.update_every == 10
+    with pytest.raises(ValueError, match="steps_per_epoch"):
+        WarmupCosine(opt, total_steps=10, warmup_steps=1, update_every=10)

@@ -57,7 +57,8 @@ def ckpt(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def export(tmp_path_factory, ckpt):
-    """The demo's validation videos (3 per class, 24 .mp4 files) exported in shards of 5 rows."""
+    """The demo's validation videos (3 per class, 24 .mp4 files) exported in shards of 5 rows, under the test rules
+    that are not the default (so that a query video encoded under other rules would not match its copy)."""
     import make_synthetic_demo
 
     data = tmp_path_factory.mktemp("demo")
@@ -65,7 +66,8 @@ def export(tmp_path_factory, ckpt):
                                      "--no-progress", "--workers", "1"]) == 0
     out = tmp_path_factory.mktemp("features") / "val"
     assert extract_features.main([str(data / "videos" / "val"), "--model", str(ckpt), "--out", str(out),
-                                  "--shard-size", "5", "--workers", "0", "--threads", "1", "--no-progress"]) == 0
+                                  "--shard-size", "5", "--workers", "0", "--threads", "1", "--no-progress",
+                                  "--rules", "centre"]) == 0
     return data, out
 
 

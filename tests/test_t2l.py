@@ -140,9 +140,9 @@ def test_only_trainable_parameters_get_gradients():
 
 def test_activation_checkpointing_gives_the_same_gradients():
     torch.manual_seed(0)
-    a = randomise_t2l(build_t2l(tiny_clip(), num_frames=8, prompt_dropout=0.0, drop_path_rate=0.0)).train()
-    b = randomise_t2l(build_t2l(tiny_clip(), num_frames=8, prompt_dropout=0.0, drop_path_rate=0.0,
-                                activation_checkpointing=True)).train()
+    off = dict(prompt_dropout=0.0, drop_path_rate=0.0, attention_dropout_rate=0.0)
+    a = randomise_t2l(build_t2l(tiny_clip(), num_frames=8, **off)).train()
+    b = randomise_t2l(build_t2l(tiny_clip(), num_frames=8, activation_checkpointing=True, **off)).train()
     x = videos()
     grads = []
     for m in (a, b):
@@ -339,3 +339,103 @@ def test_a_checkpoint_refuses_a_clip_file_with_another_sha256(tmp_path, tiny_cli
     atomic_save(make_checkpoint(build_t2l(backbone, num_frames=8)), path)  # the true identity loads both ways
     for given in (None, backbone):
         assert load_t2l(path, clip_model=given).num_frames == 8
+
+
+def test_attention_dropout_rises_over_the_blocks_of_both_towers_as_published(monkeypatch):
+    """The published blocks use nn.MultiheadAttention(dropout=linspace(0, 0.1, L)[i]) in both towers, the temporal
+    summaries' attention included; in eval mode no attention drops anything."""
+    import torch.nn.functional as F
+
+    seen = []
+    sdpa = F.scaled_dot_product_attention
+
+    def record(q, k, v, *args, dropout_p=0.0, **kw):
+        seen.append((q.shape[-2], round(float(dropout_p), 6)))  # (sequence length, rate)
+        return sdpa(q, k, v, *args, dropout_p=dropout_p, **kw)
+
+    monkeypatch.setattr(F, "scaled_dot_product_attention", record)
+    model = randomise_t2l(build_t2l(tiny_clip(), num_frames=8, attention_dropout_rate=0.1)).train()
+    model.encode_video(videos())
+    n = (32 // 8) ** 2 + 1
+    # per vision block: the T=8 summaries first, then the N+1 tokens of every frame; rates 0 and 0.1 (2 blocks)
+    assert seen == [(8, 0.0), (n + 1, 0.0), (8, 0.1), (n + 1, 0.1)], seen
+    seen.clear()
+    model.encode_text(text_tokens(2))
+    assert seen == [(16, 0.0), (16, 0.1)], seen
+    seen.clear()
+    model.eval().encode_video(videos())
+    assert {rate for _, rate in seen} == {0.0}
+    # 12 blocks: linspace(0, 0.1, 12), the published rates
+    assert [round(r, 6) for r in build_t2l(random_clip({**TINY, "vision_layers": 12}), num_frames=8)
+            .vision_attn_drop_rates] == [round(0.1 * i / 11, 6) for i in range(12)]
+
+
+def test_drop_path_by_positions_drops_the_same_tokens_of_every_sample():
+    from modules.layers import drop_path
+
+    x = torch.ones(64, 50, 4)
+    torch.manual_seed(0)
+    pos = drop_path(x, 0.5, training=True, mode="positions")
+    kept = pos[:, :, 0] != 0  # (samples, positions)
+    assert (kept == kept[:1]).all(), "a position is dropped for all samples at once"
+    assert 5 < int(kept[0].sum()) < 45 and torch.equal(pos[kept], torch.full_like(pos[kept], 2.0))
+    smp = drop_path(x, 0.5, training=True, mode="samples")
+    kept = smp[:, :, 0] != 0
+    assert (kept == kept[:, :1]).all(), "a sample is dropped with all its positions"
+    assert 5 < int(kept[:, 0].sum()) < 59
+    assert torch.equal(drop_path(x, 0.5, training=False, mode="positions"), x)
+    with pytest.raises(ValueError, match="positions"):
+        drop_path(x, 0.5, training=True, mode="tokens")
+
+
+def test_fp16_like_published_casts_the_published_set_of_tensors():
+    from modules import convert_to_fp16_like_published
+
+    model = convert_to_fp16_like_published(build_t2l(tiny_clip(), num_frames=8))
+    half = {n for n, p in model.named_parameters() if p.dtype == torch.float16}
+    full = {n for n, p in model.named_parameters() if p.dtype == torch.float32}
+    # linear/conv weights and biases (adapters too), the fused attention projection, the two output projections
+    for n in ("clip.visual.conv1.weight", "clip.visual.proj", "clip.text_projection",
+              "clip.visual.transformer.resblocks.0.attn.in_proj_weight", "clip.transformer.resblocks.1.attn.in_proj_bias",
+              "clip.visual.transformer.resblocks.1.mlp.c_fc.bias", "vision_adapters.0.down.weight", "text_adapters.1.up.bias"):
+        assert n in half, n
+    # what the published convert_weights leaves alone
+    for n in ("temporal_tokens", "temporal_embedding", "clip.logit_scale", "clip.visual.class_embedding",
+              "clip.visual.positional_embedding", "clip.positional_embedding", "clip.token_embedding.weight",
+              "clip.visual.ln_pre.weight", "clip.transformer.resblocks.0.ln_1.bias", "clip.ln_final.weight"):
+        assert n in full, n
+    assert half | full == {n for n, _ in model.named_parameters()}
+
+
+def test_fp16_master_step_is_the_published_cast_step_and_round():
+    """The published step: every parameter to fp32 (grads too), AdamW, the fp16 ones rounded back. Ours steps fixed
+    fp32 copies instead; three steps must give bit-identical weights and optimiser state."""
+    from utils.precision import Fp16MasterStep
+
+    g = torch.Generator().manual_seed(0)
+    init16 = torch.randn(6, 5, generator=g).half()
+    init32 = torch.randn(4, generator=g)
+    grads = [(torch.randn(6, 5, generator=g).half(), torch.randn(4, generator=g)) for _ in range(3)]
+
+    # the published procedure
+    a16, a32 = torch.nn.Parameter(init16.clone()), torch.nn.Parameter(init32.clone())
+    opt_a = torch.optim.AdamW([a16, a32], lr=1e-2, betas=(0.9, 0.98), eps=1e-8, weight_decay=0.2)
+    for g16, g32 in grads:
+        a16.grad, a32.grad = g16.clone(), g32.clone()
+        a16.data, a16.grad.data = a16.data.float(), a16.grad.data.float()
+        opt_a.step()
+        a16.data = a16.data.half()
+    # ours
+    b16, b32 = torch.nn.Parameter(init16.clone()), torch.nn.Parameter(init32.clone())
+    master = Fp16MasterStep([("w", b16), ("t", b32)])
+    opt_b = torch.optim.AdamW(master.swap([{"params": [b16, b32]}]), lr=1e-2, betas=(0.9, 0.98), eps=1e-8,
+                              weight_decay=0.2)
+    for g16, g32 in grads:
+        b16.grad, b32.grad = g16.clone(), g32.clone()
+        master.before_step()
+        opt_b.step()
+        master.after_step()
+    assert b16.dtype == torch.float16 and torch.equal(a16.data, b16.data) and torch.equal(a32.data, b32.data)
+    sa, sb = opt_a.state_dict()["state"], opt_b.state_dict()["state"]
+    for k in sa:
+        assert torch.equal(sa[k]["exp_avg"], sb[k]["exp_avg"]) and torch.equal(sa[k]["exp_avg_sq"], sb[k]["exp_avg_sq"])

@@ -18,7 +18,7 @@ sys.path.insert(0, str(REPO / "Dataset_creation_scripts"))
 
 import predict  # noqa: E402
 import timeline  # noqa: E402
-from datasets import SampleLoadError, build_transform, load_video_clip  # noqa: E402
+from datasets import TEST_RULES, SampleLoadError, build_transform, load_video_clip  # noqa: E402
 from datasets.readers import VideoFile  # noqa: E402
 from datasets.windows import (Window, WindowStream, expected_cache_bound, parse_span,  # noqa: E402
                               plan_windows, window_frames)
@@ -108,16 +108,19 @@ def test_spans_and_window_plan():
     assert plan_windows(5, 20, 7) == [Window(0, 0, 5)]  # shorter than a window: one window of everything
 
 
-def test_streamed_windows_are_the_clips_test_py_sees(long_video, tmp_path):
-    """Each window's views equal load_video_clip of a frames folder holding only that window's frames, while the
-    stream keeps a few windows' frames at most."""
+@pytest.mark.parametrize("rules", sorted(TEST_RULES))
+def test_streamed_windows_are_the_clips_test_py_sees(long_video, tmp_path, rules):
+    """Each window's views equal load_video_clip of a frames folder holding only that window's frames, under either
+    test rules, while the stream keeps a few windows' frames at most."""
     path, frames = long_video
     windows = plan_windows(frames.shape[0], 20, 7)
-    stream = WindowStream(str(path), windows, num_frames=8, transform=build_transform("test", 32), num_clips=2)
+    transform = build_transform("test", 32, resize=TEST_RULES[rules]["resize"])
+    stream = WindowStream(str(path), windows, num_frames=8, transform=transform, num_clips=2,
+                          frame_rule=TEST_RULES[rules]["frames"])
     seen = []
     for w, views in stream:
         ref = load_video_clip(str(frames_folder(frames[w.start:w.end], tmp_path / f"w{w.index}")), num_frames=8,
-                              input_size=32, num_clips=2, image_tmpl="img_{:05d}.png")
+                              input_size=32, num_clips=2, image_tmpl="img_{:05d}.png", test_rules=rules)
         assert torch.equal(views, ref), f"window {w.index} (frames {w.start}-{w.end}) differs from its clip"
         seen.append(w.index)
     assert seen == [w.index for w in windows] and stream.complete
@@ -136,7 +139,8 @@ def test_window_probabilities_equal_predict_on_the_window_clip(long_video, ckpt,
     path, frames = long_video
     out = tmp_path / "tl"
     rc, stdout, err = run_predict(capsys, path, "--model", ckpt, "--classes", CLASSES, "--window", "2s",
-                                  "--stride", "0.7s", "--batch-size", "3", "--out", out, "-k", "4", "--json")
+                                  "--stride", "0.7s", "--batch-size", "3", "--out", out, "-k", "4", "--json",
+                                  "--rules", "centre")
     assert rc == 0, err
     doc = json.loads(stdout)
     assert doc == json.loads((out / "timeline.json").read_text())
@@ -148,7 +152,7 @@ def test_window_probabilities_equal_predict_on_the_window_clip(long_video, ckpt,
         w = doc["windows"][i]
         clip = frames_folder(frames[w["start_frame"]:w["end_frame"]], tmp_path / f"clip{i}")
         rc, single, err = run_predict(capsys, clip, "--model", ckpt, "--classes", CLASSES, "--image-tmpl",
-                                      "img_{:05d}.png", "--json", "-k", "4")
+                                      "img_{:05d}.png", "--json", "-k", "4", "--rules", "centre")
         assert rc == 0, err
         ref = np.zeros(4, np.float32)
         for t in json.loads(single)["top"]:

@@ -41,7 +41,7 @@ def data_opts(demo: Path, out: Path):
     return [f"output_dir={out}", f"data.train_list={demo}/train.txt", f"data.root={demo}/frames",
             f"data.classes={demo}/classes.csv", f"data.descriptions={demo}/descriptions.csv",
             f'eval.sets=[{{name: demo_val, lists: ["{demo}/val.txt"], root: "{demo}/frames", '
-            f'classes: "{demo}/classes.csv", descriptions: "{demo}/descriptions.csv"}}]']
+            f'classes: "{demo}/classes.csv", descriptions: "{demo}/descriptions.csv", select_best: true}}]']
 
 
 def train_args(demo, out, *extra):

@@ -34,7 +34,19 @@ class T2LSection:
     train_temporal_embedding: bool = False
     prompt_dropout: float = 0.1
     drop_path_rate: float = 0.1
+    drop_path_mode: str = "positions"     # positions (published) | samples
+    attention_dropout_rate: float = 0.1   # attention-probability dropout, rising over the blocks (published)
     activation_checkpointing: bool = False
+
+
+@dataclass
+class PathsSection:
+    """How a list file's paths become paths on this machine (datasets.lists.PathRules), e.g. for the published split
+    files, which hold the authors' absolute paths: map {"/cluster/.../hmdb/": ""} plus the set's root."""
+    map: dict = field(default_factory=dict)   # {prefix written in the list: replacement}; the longest prefix wins
+    keep_last: int = 0                        # keep only the last K path components (joined with the root)
+    drop_extension: bool = False              # "x.avi" -> "x": extract_frames.py names frame folders without it
+    by_name: bool = False                     # find each video by name among the folders of <root>/manifest.txt
 
 
 @dataclass
@@ -44,6 +56,7 @@ class NetworkSection:
     random_seed: int = 0
     clip_cache: Optional[str] = None      # download folder for CLIP weights (default ~/.cache/clip)
     t2l: T2LSection = field(default_factory=T2LSection)
+    init_from: Optional[str] = None       # train.py: start from this T2L checkpoint's tensors (ours or published)
     trust_checkpoint: bool = False        # allow full unpickling of checkpoints (can run code): only your own files
 
 
@@ -56,12 +69,16 @@ class DataSection:
     classes: Optional[str] = None         # class list CSV (id,name)
     descriptions: Optional[str] = None    # descriptions CSV; null -> templates
     text_mode: str = "descriptions"       # descriptions | templates
+    missing_descriptions: str = "error"   # a class without a description: error | template (the first template)
     image_tmpl: str = "img_{:05d}.jpg"
     index_start: int = 1
     flip: bool = True                     # off for Something-Something, where left/right is the label
     batch_size: int = 80
     num_workers: int = 8
     on_error: str = "skip"                # skip | raise
+    train_sampling: str = "segments"      # segments: a random frame per segment | test: the test-time frames
+    paths: PathsSection = field(default_factory=PathsSection)  # for train_list
+    check_labels: bool = True             # refuse lists whose labels point at classes their videos are not named after
 
 
 @dataclass
@@ -76,11 +93,19 @@ class EvalSet:
     index_start: Optional[int] = None
     class_subsets: Optional[dict] = None       # {size, num_subsets, seed}: K-600 protocol (all classes: splits)
     group: Optional[str] = None                # "base" | "novel" for base-to-novel
+    paths: PathsSection = field(default_factory=PathsSection)
+    # The published test code's batch size for this set: it drops the last incomplete batch (drop_last=True), so
+    # results.json also gives the figures over those first floor(N / B) * B videos. We count every video.
+    published_batch_size: Optional[int] = None
+    select_best: bool = False                  # train.py keeps best_<name>.pt by this set's top-1 (validation sets only)
 
 
 @dataclass
 class EvalSection:
     every: int = 1                     # evaluate every N epochs during training (0 = never)
+    # Test-time rules (datasets.TEST_RULES): "published" = the published T2L test code exactly (its frame choice,
+    # Pillow bicubic resize, logit scale 100); "centre" = segment centres, torch bilinear resize, exp(logit_scale).
+    rules: str = "published"
     batch_size: int = 16
     num_clips: int = 1
     num_crops: int = 1
@@ -93,6 +118,7 @@ class SolverSection:
     lr: float = 1.0e-4
     min_lr: float = 0.0
     warmup_epochs: float = 5.0
+    lr_update_every: int = 10          # the lr is updated at each epoch's first step, then every N steps (published: 10)
     weight_decay: float = 0.2
     betas: list = field(default_factory=lambda: [0.9, 0.98])
     eps: float = 1.0e-8
@@ -100,7 +126,9 @@ class SolverSection:
     temporal_token_lr_scale: float = 1.0  # the temporal tokens' lr = lr * this (published: 1; the demo's short run: 10)
     grad_clip: float = 0.0             # max grad norm; 0 = off
     grad_accum: int = 1
-    precision: str = "auto"            # auto (bf16 where supported, else fp16 on GPU; fp32 on CPU) | fp32 | bf16 | fp16
+    # auto (bf16 autocast where supported, else fp16 autocast on GPU; fp32 on CPU) | fp32 | bf16 | fp16 | fp16-pure
+    # (the published code: fp16 weights, fp32 optimiser step, no loss scaling; fp32 on CPU, as published)
+    precision: str = "auto"
     max_nonfinite_steps: int = 5       # this many non-finite losses in a row stop the run
 
 
@@ -153,8 +181,12 @@ _LIST_ITEM_TYPES = {("eval", "sets"): EvalSet}
 _CHOICES = {
     ("data", "text_mode"): ("descriptions", "templates"),
     ("data", "on_error"): ("skip", "raise"),
-    ("solver", "precision"): ("auto", "fp32", "bf16", "fp16"),
+    ("eval", "rules"): ("published", "centre"),
+    ("data", "missing_descriptions"): ("error", "template"),
+    ("data", "train_sampling"): ("segments", "test"),
+    ("solver", "precision"): ("auto", "fp32", "bf16", "fp16", "fp16-pure"),
     ("network", "t2l", "temporal_tokens"): ("deep", "shallow", "none"),
+    ("network", "t2l", "drop_path_mode"): ("positions", "samples"),
     ("logging", "wandb_mode"): ("online", "offline", "disabled"),
 }
 
@@ -293,7 +325,8 @@ def load_config(path: Optional[str | Path], opts: Optional[list[str]] = None) ->
 def _validate(cfg: Config, source: str) -> None:
     positive = {"data.num_frames": cfg.data.num_frames, "data.input_size": cfg.data.input_size,
                 "data.batch_size": cfg.data.batch_size, "eval.batch_size": cfg.eval.batch_size,
-                "eval.num_clips": cfg.eval.num_clips, "solver.grad_accum": cfg.solver.grad_accum}
+                "eval.num_clips": cfg.eval.num_clips, "solver.grad_accum": cfg.solver.grad_accum,
+                "solver.lr_update_every": cfg.solver.lr_update_every}
     for key, value in positive.items():
         if value < 1:
             raise ConfigError(f"{source}: {key} must be at least 1, got {value}")
@@ -317,6 +350,9 @@ def _validate(cfg: Config, source: str) -> None:
                               f"(it is used in output file names)")
         if not s.lists:
             raise ConfigError(f"{source}: eval set {s.name!r} has no list files (eval.sets[].lists)")
+        if s.published_batch_size is not None and s.published_batch_size < 1:
+            raise ConfigError(f"{source}: eval set {s.name!r}: published_batch_size must be at least 1, got "
+                              f"{s.published_batch_size}")
         if s.group not in (None, "base", "novel"):
             raise ConfigError(f"{source}: eval set {s.name!r}: group must be base or novel, got {s.group!r}")
     if len(set(names)) != len(names):
@@ -358,3 +394,44 @@ def save_config(cfg: Config, path: str | Path) -> None:
     """Write the resolved config as YAML (the exact settings of a run, for the output folder)."""
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False), encoding="utf-8")
+
+
+def _main(argv=None) -> int:
+    """``python -m utils.config convert PUBLISHED.yaml [--published-root DIR] [--root DIR] > ours.yaml``."""
+    import argparse
+    import sys
+
+    from utils.published_config import convert_published, render
+
+    p = argparse.ArgumentParser(prog="python -m utils.config", description="Config tools.")
+    sub = p.add_subparsers(dest="command", required=True)
+    conv = sub.add_parser("convert", help="convert a config of the published T2L code into one of ours (stdout)",
+                          description="Map every key of a published T2L config to ours; the keys that have no "
+                                      "counterpart are listed (header comments and stderr), never dropped silently.",
+                          epilog="example: python -m utils.config convert third_party/T2L/configs/K-400/"
+                                 "k400_train.yaml --published-root third_party/T2L --root data/k400_frames > k400.yaml")
+    conv.add_argument("published", help="the published YAML config")
+    conv.add_argument("--published-root", default=None,
+                      help="where the published repository is checked out: its relative paths are joined with it")
+    conv.add_argument("--root", default=None, help="your frames folder (data.root and every eval set's root)")
+    args = p.parse_args(argv)
+    path = Path(args.published)
+    try:
+        published = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except (OSError, yaml.YAMLError) as e:
+        print(f"python -m utils.config convert: error: {path}: {e}", file=sys.stderr)
+        return 2
+    if not isinstance(published, dict):
+        print(f"python -m utils.config convert: error: {path}: not a mapping of sections", file=sys.stderr)
+        return 2
+    converted, dropped, notes = convert_published(published, str(path), args.published_root, args.root)
+    for key, value, why in dropped:
+        print(f"{path}: not converted: {key}: {value!r} -- {why}", file=sys.stderr)
+    for note in notes:
+        print(f"{path}: check: {note}", file=sys.stderr)
+    sys.stdout.write(render(converted, dropped, notes, str(path)))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(_main())
