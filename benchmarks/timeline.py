@@ -90,7 +90,7 @@ def accuracy(args) -> dict:
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     video, truth, fps, actions = make_concatenated(data, work / "concatenated.mp4", args.clips_per_action, args.seed)
-    encoder = load_model(args.model, device="cpu")
+    encoder = load_model(args.model, device="cpu", test_rules=args.rules)
     classes = read_class_texts(str(data / "classes.csv"), descriptions=str(data / "descriptions.csv"))
     text_emb = encoder.encode_class_texts(classes)
     results = []
@@ -113,6 +113,7 @@ def accuracy(args) -> dict:
             write_timeline(tl, segs, work / f"timeline_{window}_{stride}_{min_segment}")
     summary = {"video_frames": int(len(truth)), "fps": fps, "duration_s": len(truth) / fps,
                "actions": len(actions), "clips_per_action": args.clips_per_action, "model": args.model,
+               "test_rules": args.rules,
                "threads": torch.get_num_threads(), "results": results}
     if not args.keep_outputs:
         os.unlink(video)
@@ -171,7 +172,7 @@ def memory(args) -> dict:
     n = make_long_video(video, args.minutes)
     made = time.perf_counter() - t0
     logger.info("generated %s: %d frames, %.0f MB, in %.0f s", video, n, video.stat().st_size / 2**20, made)
-    encoder = load_model(args.model, device="cpu")
+    encoder = load_model(args.model, device="cpu", test_rules=args.rules)
     classes = read_class_texts(args.classes, descriptions=args.descriptions)
     text_emb = encoder.encode_class_texts(classes)
     # the last mark one minute before the end too: the final, shorter batch is a new tensor shape for the model's
@@ -241,6 +242,7 @@ def main(argv=None) -> int:
         q.add_argument("--batch-size", type=int, default=16)
         q.add_argument("--threads", type=int, default=None)
         q.add_argument("--json-out", help="also write the figures here")
+        q.add_argument("--rules", default="published", choices=("published", "centre"), help="test-time rules")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     if args.threads:

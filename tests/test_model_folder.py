@@ -15,43 +15,27 @@ import torch
 
 import engine
 from features import load_model
-from modules import build_t2l, load_t2l, make_checkpoint, random_clip, save_published
+from conftest import TINY_CLIP as TINY, save_tiny_t2l
+from modules import load_t2l, save_published
 from modules.checkpoint import CheckpointError, main as checkpoint_main
 from modules.model_folder import export_model_folder, is_model_folder, load_model_folder
 from utils.checkpoint import atomic_save
 
 REPO = Path(__file__).resolve().parents[1]
-TINY = dict(embed_dim=32, image_resolution=32, vision_layers=2, vision_width=64, vision_patch_size=8,
-            context_length=77, vocab_size=49408, transformer_width=64, transformer_heads=1, transformer_layers=2,
-            vision_heads=1)
 # the demo's random-CLIP option, so that the record of the backbone's initialisation travels too
 BACKBONE = {"name_or_path": "random", "seed": 3, "config": {**TINY, "vision_positional_std": 0.5}}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory):
-    """A tiny T2L checkpoint of ours (random CLIP with the demo's positional option), T2L tensors perturbed."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        model = build_t2l(random_clip(BACKBONE["config"], seed=3), num_frames=8, drop_path_rate=0.0)
-    gen = torch.Generator().manual_seed(11)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if not name.startswith("clip."):
-                p.add_(0.05 * torch.randn(p.shape, generator=gen))
-    path = tmp_path_factory.mktemp("ckpt") / "last.pt"
-    atomic_save(make_checkpoint(model, backbone=dict(BACKBONE), epoch=4,
-                                best={"demo_val": {"top1": 61.5, "epoch": 5}},
-                                config={"data": {"train_list": "demo_data/train.txt"}}), path)
-    return path
+    """A tiny T2L checkpoint of ours (random CLIP with the demo's positional option), with training records."""
+    return save_tiny_t2l(tmp_path_factory.mktemp("ckpt") / "last.pt", perturb_seed=11,
+                         clip_config=BACKBONE["config"], clip_seed=3, epoch=4,
+                         best={"demo_val": {"top1": 61.5, "epoch": 5}},
+                         config={"data": {"train_list": "demo_data/train.txt"}})
 
 
 @pytest.fixture(scope="module")

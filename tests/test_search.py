@@ -20,39 +20,16 @@ sys.path.insert(0, str(REPO / "Dataset_creation_scripts"))
 import extract_features  # noqa: E402
 import search  # noqa: E402
 from features import load_model  # noqa: E402
-from modules import build_t2l, make_checkpoint, random_clip  # noqa: E402
-from utils.checkpoint import atomic_save  # noqa: E402
-
-TINY = dict(embed_dim=32, image_resolution=32, vision_layers=2, vision_width=64, vision_patch_size=8,
-            context_length=77, vocab_size=49408, transformer_width=64, transformer_heads=1, transformer_layers=2,
-            vision_heads=1)
+from conftest import save_tiny_t2l  # noqa: E402
 QUERIES = ["a shape moving to the left", "a shape growing bigger", "an elongated shape turning like a clock hand"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-def tiny_checkpoint(path: Path, seed: int) -> Path:
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = build_t2l(random_clip(TINY, seed=0), num_frames=8, drop_path_rate=0.0)
-    gen = torch.Generator().manual_seed(seed + 100)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if not name.startswith("clip."):
-                p.add_(0.05 * torch.randn(p.shape, generator=gen))
-    atomic_save(make_checkpoint(model, backbone={"name_or_path": "random", "seed": 0, "config": dict(TINY)}), path)
-    return path
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory):
-    return tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny.pt", seed=0)
+    return save_tiny_t2l(tmp_path_factory.mktemp("ckpt") / "tiny.pt", perturb_seed=100)
 
 
 @pytest.fixture(scope="module")
@@ -129,7 +106,7 @@ def test_more_like_this_by_path_row_or_new_file(export, ckpt, capsys, tmp_path):
 
 def test_another_model_or_a_bad_export_is_refused(export, tmp_path, capsys):
     data, out = export
-    other = tiny_checkpoint(tmp_path / "other.pt", seed=1)
+    other = save_tiny_t2l(tmp_path / "other.pt", seed=1, perturb_seed=101)
     rc, stdout, err = run(capsys, "--index", out, "juggling", "--model", other)
     assert rc == 2 and "cannot be compared" in err and "other.pt" in err
     rc, stdout, err = run(capsys, "--index", tmp_path / "nothing", "juggling")

@@ -22,38 +22,17 @@ from datasets import TEST_RULES, SampleLoadError, build_transform, load_video_cl
 from datasets.readers import VideoFile  # noqa: E402
 from datasets.windows import (Window, WindowStream, expected_cache_bound, parse_span,  # noqa: E402
                               plan_windows, window_frames)
-from modules import build_t2l, make_checkpoint, random_clip  # noqa: E402
-from utils.checkpoint import atomic_save  # noqa: E402
-
-TINY = dict(embed_dim=32, image_resolution=32, vision_layers=2, vision_width=64, vision_patch_size=8,
-            context_length=77, vocab_size=49408, transformer_width=64, transformer_heads=1, transformer_layers=2,
-            vision_heads=1)
+from conftest import save_tiny_t2l  # noqa: E402
 FPS = 10
 CLASSES = "moving left,moving right,growing,shrinking"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory):
-    """A tiny random T2L checkpoint; its T2L tensors perturbed so that adapters and tokens change the outputs."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        model = build_t2l(random_clip(TINY, seed=0), num_frames=8, drop_path_rate=0.0)
-    gen = torch.Generator().manual_seed(3)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if not name.startswith("clip."):
-                p.add_(0.05 * torch.randn(p.shape, generator=gen))
-    path = tmp_path_factory.mktemp("ckpt") / "tiny.pt"
-    atomic_save(make_checkpoint(model, backbone={"name_or_path": "random", "seed": 0, "config": dict(TINY)}), path)
-    return path
+    return save_tiny_t2l(tmp_path_factory.mktemp("ckpt") / "tiny.pt", perturb_seed=3)
 
 
 def moving_square_frames(n: int, size: int = 40) -> np.ndarray:
