@@ -30,7 +30,8 @@ from .video_dataset import _test_views
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["Window", "parse_span", "plan_windows", "video_info", "stream_windows", "WindowStream"]
+__all__ = ["Window", "parse_span", "plan_windows", "window_frames", "video_info", "WindowStream",
+           "expected_cache_bound"]
 
 _SPAN = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*(s|sec|ms|f|frames?)?\s*$", re.IGNORECASE)
 
@@ -262,12 +263,6 @@ class WindowStream:
                                   f"corrupt?): {_short(error)}") from error
         raise SampleLoadError(self.path, f"video ends after {self.decoded} of the {total} frames its header "
                               f"announces (truncated?)")
-
-
-def stream_windows(path: str, windows: Iterable[Window], num_frames: int, transform, num_clips: int = 1,
-                   **kwargs) -> WindowStream:
-    """The test views of each window, decoded in one pass: see :class:`WindowStream`."""
-    return WindowStream(path, windows, num_frames, transform, num_clips=num_clips, **kwargs)
 
 
 def expected_cache_bound(window: int, stride: int, num_frames: int, num_views: int = 1) -> int:

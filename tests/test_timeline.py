@@ -106,6 +106,29 @@ def test_streamed_windows_are_the_clips_test_py_sees(long_video, tmp_path, rules
     assert 0 < stream.max_cached <= expected_cache_bound(20, 7, 8, num_views=2) < frames.shape[0]
 
 
+def test_a_header_that_overstates_the_length(long_video, tmp_path):
+    """A container that announces 2 frames more than it holds: the last frame stands in for the missing ones (as the
+    reader does), windows that would start past the end are dropped; announcing far more is an error, raised after
+    the windows that could be read."""
+    path, frames = long_video
+    transform = build_transform("test", 32)
+    stream = WindowStream(str(path), plan_windows(133, 20, 7), 8, transform, total_frames=133)
+    got = list(stream)
+    assert stream.complete and stream.length == 131 and got[-1][0].end == 133
+    w, views = got[-1]
+    padded = torch.cat([frames[w.start:], frames[-1:].expand(2, -1, -1, -1)])  # frames 113..130, then 130 twice
+    assert torch.equal(views, load_video_clip(str(frames_folder(padded, tmp_path / "tail")), num_frames=8,
+                                              input_size=32, image_tmpl="img_{:05d}.png"))
+    stream = WindowStream(str(path), plan_windows(200, 20, 7), 8, transform, total_frames=200)
+    seen = []
+    with pytest.raises(SampleLoadError, match="ends after 131 of the 200 frames"):
+        for w, _ in stream:
+            seen.append(w)
+    # the windows whose sampled frames all exist came out, in order, and the next one did not
+    readable = [w for w in plan_windows(200, 20, 7) if window_frames(w, 8).max() < 131]
+    assert seen == readable and not stream.complete
+
+
 def run_predict(capsys, *args):
     rc = predict.main([str(a) for a in args])
     out = capsys.readouterr()
