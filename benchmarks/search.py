@@ -29,6 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import search  # noqa: E402
+from benchmarks.report import emit  # noqa: E402
 
 
 def average_precision(relevant: np.ndarray) -> float:
@@ -153,12 +154,7 @@ def main(argv=None) -> int:
                    help="FAISS indexes to compare (none: the exact search alone)")
     p.add_argument("--json-out")
     args = p.parse_args(argv)
-    result = retrieval_map(args) if args.what == "map" else speed(args)
-    text = json.dumps(result, indent=1)
-    print(text)
-    if args.json_out:
-        Path(args.json_out).write_text(text + "\n")
-    return 0
+    return emit(retrieval_map(args) if args.what == "map" else speed(args), args.json_out)
 
 
 if __name__ == "__main__":

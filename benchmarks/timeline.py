@@ -20,7 +20,6 @@ batch of windows; the figures are the RSS and the peak RSS when the decoder pass
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import sys
@@ -38,6 +37,7 @@ sys.path.insert(0, str(ROOT / "Dataset_creation_scripts"))
 from datasets import read_list_file  # noqa: E402
 from datasets.readers import VideoFile  # noqa: E402
 from features import load_model, read_class_texts  # noqa: E402
+from benchmarks.report import emit  # noqa: E402
 from timeline import find_segments, frame_labels, score_timeline, write_timeline  # noqa: E402
 
 logger = logging.getLogger("benchmarks.timeline")
@@ -250,14 +250,8 @@ def main(argv=None) -> int:
     if args.what == "accuracy":
         args.settings = [(w, s, float(ms)) for w, s, ms in (args.settings or [("2s", "1s", 0), ("2s", "1s", 2),
                                                                               ("2s", "0.5s", 2)])]
-        result = accuracy(args)
-    else:
-        result = memory(args)
-    text = json.dumps(result, indent=1)
-    print(text)
-    if args.json_out:
-        Path(args.json_out).write_text(text + "\n")
-    return 0
+        return emit(accuracy(args), args.json_out)
+    return emit(memory(args), args.json_out)
 
 
 if __name__ == "__main__":
