@@ -7,9 +7,10 @@
     best = (v @ t.T).argmax(dim=1)                          # cosine similarity -> nearest text
 
 What is loaded (``load_model``): an OpenAI CLIP name (``ViT-B/16``) or a CLIP weight file/folder gives the
-frame-averaged CLIP (the zero-shot baseline of test.py); a checkpoint of this project or a published T2L
-checkpoint gives T2L. Our checkpoints record the frozen backbone they were trained on (a CLIP name or file with
-its SHA-256, or the seeded random CLIP of the demo), which is rebuilt from that record.
+frame-averaged CLIP (the zero-shot baseline of test.py); a checkpoint of this project, a published T2L
+checkpoint or a model folder (``python -m modules.checkpoint export``) gives T2L. Our checkpoints record the frozen
+backbone they were trained on (a CLIP name or file with its SHA-256, or the seeded random CLIP of the demo), which
+is rebuilt from that record.
 
 Preprocessing is test.py's, through ``datasets.load_video_clip``: one frame per TSN segment, resize of the short
 side to S*256/224, centre crop S (three crops of side S with ``num_crops=3``), CLIP normalisation, under the same
@@ -43,6 +44,7 @@ import clip
 import engine
 from datasets import TEST_RULES, load_class_list, load_video_clip
 from modules import TEMPLATES, class_texts, load_t2l, read_descriptions, tokenize_class_texts
+from modules.model_folder import is_model_folder, read_folder_config
 from utils.distributed import pick_device
 
 logger = logging.getLogger(__name__)
@@ -266,6 +268,8 @@ def model_kind(name_or_path: PathLike, trust: bool = False) -> str:
     if not path.exists():
         raise FileNotFoundError(f"model not found: {name_or_path!r} is neither a file or folder nor a CLIP name "
                                 f"({', '.join(clip.available_models())})")
+    if is_model_folder(path):  # python -m modules.checkpoint export: safetensors + config.json
+        return "t2l"
     if path.is_dir() or path.suffix == ".safetensors" or is_torchscript_archive(path):
         return "clip"
     obj = None
@@ -295,7 +299,8 @@ def load_model(name_or_path: PathLike, device: Union[str, torch.device] = "auto"
 
     Args:
         name_or_path: a CLIP name (``clip.available_models()``) or CLIP weights (any format ``clip.load``
-            reads) -> frame-averaged CLIP; a checkpoint of ours or a published T2L checkpoint -> T2L.
+            reads) -> frame-averaged CLIP; a checkpoint of ours, a published T2L checkpoint or a model folder
+            (``python -m modules.checkpoint export``, read without any pickle) -> T2L.
         device: "auto" (the GPU when there is one), "cpu", "cuda", "cuda:N".
         precision: "auto" (bf16, or fp16 on older GPUs; fp32 on CPU), "fp32", "bf16", "fp16".
         num_frames: T; a T2L model fixes it (a different value is an error), a CLIP takes 8 by default.
@@ -315,11 +320,15 @@ def load_model(name_or_path: PathLike, device: Union[str, torch.device] = "auto"
     kind = model_kind(name_or_path, trust=trust)
     if kind == "t2l":
         model = load_t2l(source, trust=trust)
-        ckpt_format = "published" if getattr(model.clip, "source_identity", {}).get("kind") == "published-t2l" \
-            else "ours"
-        identity = {"kind": "t2l", "format": ckpt_format, "source": source,
-                    "sha256": _file_sha256(Path(source).expanduser())}
-        if ckpt_format == "ours":
+        path = Path(source).expanduser()
+        if path.is_dir():  # a model folder: its identity is its weights file's, as config.json records it
+            ckpt_format, sha256 = "folder", read_folder_config(path).get("weights_sha256")
+        else:
+            ckpt_format = "published" if getattr(model.clip, "source_identity", {}).get("kind") == "published-t2l" \
+                else "ours"
+            sha256 = _file_sha256(path)
+        identity = {"kind": "t2l", "format": ckpt_format, "source": source, "sha256": sha256}
+        if ckpt_format in ("ours", "folder"):
             # The backbone is part of what the checkpoint means: record it (name, its SHA-256, or random seed).
             identity["backbone"] = {k: v for k, v in getattr(model.clip, "source_identity", {}).items()
                                     if k in ("name_or_path", "sha256", "seed", "config")}

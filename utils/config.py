@@ -416,7 +416,7 @@ def check_paths(cfg: Config, train: bool) -> None:
         if s.root:
             need(f"eval.sets[{s.name}].root", s.root, folder=True)
     for i, w in enumerate(cfg.test.weights if not train else []):
-        need(f"test.weights[{i}]", w)
+        need(f"test.weights[{i}]", w, folder=Path(w).is_dir())  # a checkpoint file or a model folder
     if missing:
         raise ConfigError("missing inputs, nothing was started:\n  " + "\n  ".join(missing))
 
