@@ -43,7 +43,7 @@ from tqdm import tqdm
 import clip
 import engine
 from datasets import TEST_RULES, load_class_list, load_video_clip
-from modules import TEMPLATES, class_texts, load_t2l, read_descriptions
+from modules import TEMPLATES, class_texts, load_t2l, read_descriptions, tokenize_class_texts
 from modules.model_folder import is_model_folder, read_folder_config
 from utils.distributed import pick_device
 
@@ -219,26 +219,22 @@ class VideoTextEncoder:
         return torch.cat(out)
 
     # ------------------------------------------------------------------ texts
-    @torch.no_grad()
-    def encode_texts(self, texts: Union[str, Sequence[str]], batch_size: int = 256) -> torch.Tensor:
-        """Strings -> L2-normalised text embeddings (N, E); texts longer than 77 tokens are truncated."""
+    def encode_texts(self, texts: Union[str, Sequence[str]], batch_size: int = engine.TEXT_BATCH,
+                     source: Optional[str] = None) -> torch.Tensor:
+        """Strings -> L2-normalised text embeddings (N, E), ``batch_size`` at a time; texts longer than 77 tokens
+        are truncated, with a warning (once per ``source``, the file they came from) naming them."""
         if isinstance(texts, str):
             texts = [texts]
         texts = list(texts)
         if not texts:
             raise ValueError("encode_texts needs at least one text")
-        tokens = clip.tokenize(texts, context_length=77, truncate=True)
-        out = []
-        with engine.autocast(self.device, self.precision):
-            for i in range(0, len(texts), batch_size):
-                out.append(self.model.encode_text(tokens[i:i + batch_size].to(self.device)).float().cpu())
-        return F.normalize(torch.cat(out), dim=-1)
+        tokens = tokenize_class_texts([texts], source=source)[0]  # (1, N, L) -> (N, L)
+        return engine.encode_tokens(self.model, tokens, self.device, self.precision, batch_size)
 
-    def encode_class_texts(self, class_text: "ClassTexts") -> torch.Tensor:
-        """The texts of a class set -> (V, K, E), as test.py's ``engine.encode_class_texts`` lays them out."""
-        V, K = len(class_text.texts), len(class_text.names)
-        flat = [t for view in class_text.texts for t in view]
-        return self.encode_texts(flat).view(V, K, -1)  # (V*K, E) -> (V, K, E)
+    def encode_class_texts(self, class_text: "ClassTexts", batch_size: int = engine.TEXT_BATCH) -> torch.Tensor:
+        """The texts of a class set -> (V, K, E) on the CPU, exactly as test.py encodes them (``engine``)."""
+        tokens = tokenize_class_texts(class_text.texts, names=class_text.names, source=class_text.source)
+        return engine.encode_class_texts(self.model, tokens, self.device, self.precision, batch_size).cpu()
 
     # Singular aliases, for those who think of one call per batch.
     encode_video = encode_videos

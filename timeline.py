@@ -294,9 +294,9 @@ def frame_labels(segments: Sequence[Segment], num_frames: int) -> np.ndarray:
 
 # ---------------------------------------------------------------------------------------------- writing
 def _atomic_text(path: Path, text: str) -> None:
-    from utils.checkpoint import atomic_write
+    from utils.checkpoint import atomic_write_text
 
-    atomic_write(path, lambda f: f.write(text.encode("utf-8")))
+    atomic_write_text(path, text, what="timeline file")
 
 
 def _class_name(tl: Timeline, label: int) -> Optional[str]:
@@ -415,11 +415,12 @@ def plot_timeline(tl: Timeline, segments: Sequence[Segment], path: PathLike, max
     strip.set_yticks([0], ["segments"], fontsize=8)
     strip.set_xlim(0, x_end)
     strip.set_xlabel(f"time ({unit})")
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=100, bbox_inches="tight")
-    plt.close(fig)
-    os.replace(tmp, path)
+    from utils.checkpoint import atomic_write
+
+    try:  # atomically, like every result file: a full disk leaves no partial PNG, and the error names it
+        atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=100, bbox_inches="tight"), what="timeline plot")
+    finally:
+        plt.close(fig)
 
 
 def segments_table(tl: Timeline, segments: Sequence[Segment]) -> str:
