@@ -123,22 +123,40 @@ def class_tokens(classes_csv: str, descriptions_csv: Optional[str], text_mode: s
         else:
             logger.warning("no descriptions file for %s: using the prompt templates instead", classes_csv)
             text_mode = "templates"
-    texts = class_texts(names, descriptions, mode=text_mode, source=str(descriptions_csv or classes_csv),
-                        missing=missing)
-    return names, tokenize_class_texts(texts)
+    source = str(descriptions_csv or classes_csv)
+    texts = class_texts(names, descriptions, mode=text_mode, source=source, missing=missing)
+    return names, tokenize_class_texts(texts, names=names, source=source)
+
+
+TEXT_BATCH = 256  # texts per forward pass of the text tower: bounds the activations, whatever the number of classes
 
 
 @torch.no_grad()
-def encode_class_texts(model: nn.Module, tokens: torch.Tensor, device: torch.device, precision: str = "auto",
-                       batch_size: int = 256) -> torch.Tensor:
-    """Token ids (V, K, L) -> L2-normalised text embeddings (V, K, E), in batches."""
-    V, K, L = tokens.shape
-    flat = tokens.view(V * K, L)
-    out = []
+def encode_tokens(model: nn.Module, tokens: torch.Tensor, device: torch.device, precision: str = "auto",
+                  batch_size: int = TEXT_BATCH) -> torch.Tensor:
+    """Token ids (N, L) -> L2-normalised text embeddings (N, E), float32 on the CPU, ``batch_size`` texts at a time.
+
+    The one place the text tower runs on class texts (test.py, training's evaluation, predict.py, features). The
+    output is allocated once and filled batch by batch: keeping each batch's small result alive between the big
+    freed activations of the next ones fragments the heap so badly that 80,000 texts took 5.5 GB with a tiny CLIP.
+    """
+    out = None
     with autocast(device, precision):
-        for i in range(0, flat.shape[0], batch_size):
-            out.append(model.encode_text(flat[i:i + batch_size].to(device)).float())
-    return F.normalize(torch.cat(out), dim=-1).view(V, K, -1)
+        for i in range(0, tokens.shape[0], batch_size):
+            emb = model.encode_text(tokens[i:i + batch_size].to(device)).float()
+            if out is None:
+                out = torch.empty(tokens.shape[0], emb.shape[-1])
+            out[i:i + emb.shape[0]] = F.normalize(emb, dim=-1).cpu()
+    if out is None:
+        raise ValueError("no texts to encode")
+    return out
+
+
+def encode_class_texts(model: nn.Module, tokens: torch.Tensor, device: torch.device, precision: str = "auto",
+                       batch_size: int = TEXT_BATCH) -> torch.Tensor:
+    """Token ids (V, K, L) -> L2-normalised text embeddings (V, K, E) on ``device``, in batches."""
+    V, K, L = tokens.shape
+    return encode_tokens(model, tokens.view(V * K, L), device, precision, batch_size).view(V, K, -1).to(device)
 
 
 # ---------------------------------------------------------------------------------------------- scoring
@@ -240,7 +258,8 @@ def make_eval_dataset(cfg: Config, s: EvalSet, list_file: str, names: list, clas
                         index_start=s.index_start if s.index_start is not None else cfg.data.index_start,
                         num_clips=cfg.eval.num_clips, num_crops=cfg.eval.num_crops, on_error=cfg.data.on_error,
                         seed=cfg.seed, test_rules=cfg.eval.rules, class_names=names, classes_source=classes_csv,
-                        check_labels=cfg.data.check_labels, paths=path_rules(s.paths))
+                        check_labels=cfg.data.check_labels, paths=path_rules(s.paths),
+                        allow_outside_root=cfg.data.allow_outside_root)
 
 
 def evaluate_set(model: nn.Module, cfg: Config, s: EvalSet, device: torch.device, dist_info=None,

@@ -26,10 +26,16 @@ import argparse
 import json
 import logging
 import os
+import re
 import sys
 import time
 from pathlib import Path
 from typing import Optional
+
+from utils.lock import FolderLock, FolderLockedError, exit_if_busy
+
+if __name__ == "__main__":  # an export into a busy folder stops here, not after the seconds torch takes to import
+    exit_if_busy("extract_features", sys.argv[1:], folder_option="--out")
 
 import numpy as np
 import torch
@@ -42,7 +48,7 @@ from datasets.transforms import build_transform
 # The dataset's own test-view steps, so that a list file's frame counts are used exactly as test.py uses them.
 from datasets.video_dataset import _frame_count, _test_views
 from features import VIDEO_EXTENSIONS, VideoTextEncoder, find_videos, load_model, read_text_items
-from utils.checkpoint import UnsafeCheckpointError, atomic_write
+from utils.checkpoint import UnsafeCheckpointError, atomic_write, atomic_write_text
 
 logger = logging.getLogger("extract_features")
 
@@ -55,6 +61,18 @@ EXPORT_FORMAT = {"format": "t2l-features", "version": 1}
 
 class BadInput(ValueError):
     """Input the run cannot use (missing files, a folder holding another export): exit status 2."""
+
+
+NOT_OURS = "This folder holds files this tool did not write, which it will not overwrite: use another --out folder"
+OUR_ARRAY = re.compile(r"^(shard|frames)_\d{5,}\.npy$")  # shard_name / frames_name
+
+
+def _is_our_tmp(name: str) -> bool:
+    """A temporary file of an atomic write of one of this tool's files: ``.<our file name>.<random>.tmp``."""
+    if not (name.startswith(".") and name.endswith(".tmp")) or name.count(".") < 3:
+        return False
+    base = name[1:-len(".tmp")].rsplit(".", 1)[0]
+    return base in (MANIFEST, FAILURES, SUMMARY, CONFIG) or bool(OUR_ARRAY.match(base))
 
 
 # ---------------------------------------------------------------------------------------------- reading
@@ -99,10 +117,6 @@ def collate(items: list) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------- writing
-def atomic_write_text(path: Path, text: str) -> None:
-    atomic_write(path, lambda f: f.write(text.encode("utf-8")))
-
-
 def shard_name(i: int) -> str:
     return f"shard_{i:05d}.npy"
 
@@ -127,8 +141,9 @@ class ShardStore:
     have manifest lines. :meth:`recover` restores the invariant after a kill at any point.
     """
 
-    def __init__(self, out: Path, shard_size: int, per_frame: bool, key_field: str):
+    def __init__(self, out: Path, shard_size: int, per_frame: bool, key_field: str, config_hash: str = ""):
         self.out = out
+        self.config_hash = config_hash  # every manifest line carries it; a line without it is not ours
         self.shard_size = shard_size
         self.per_frame = per_frame
         self.key_field = key_field
@@ -146,12 +161,26 @@ class ShardStore:
         text = manifest.read_text(encoding="utf-8") if manifest.exists() else ""
         if text and not text.endswith("\n"):
             torn = True  # the last append was cut short by a kill: its lines are dropped below
-        for raw in text.splitlines():
+        raw_lines = text.splitlines()
+        for line_no, raw in enumerate(raw_lines, start=1):
             try:
-                lines.append(json.loads(raw))
+                entry = json.loads(raw)
             except json.JSONDecodeError:
+                if line_no < len(raw_lines):  # only the last append can be cut short: anything else is not ours
+                    raise BadInput(f"{manifest}:{line_no}: not a line this tool writes (not JSON): {raw[:80]!r}. "
+                                   f"{NOT_OURS}") from None
                 torn = True
                 logger.warning("%s: dropping a cut-off line (interrupted write)", manifest)
+                continue
+            missing = [k for k in ("shard", "row", self.key_field) if not isinstance(entry, dict) or k not in entry]
+            if missing or not all(isinstance(entry[k], int) for k in ("shard", "row")):
+                lacks = ", ".join(missing) or "integer shard and row"
+                raise BadInput(f"{manifest}:{line_no}: not a line this tool writes (no {lacks}): {raw[:80]!r}. "
+                               f"{NOT_OURS}")
+            if self.config_hash and entry.get("config_hash") != self.config_hash:
+                raise BadInput(f"{manifest}:{line_no}: a line of another export (config hash "
+                               f"{entry.get('config_hash')}, this folder's is {self.config_hash}). {NOT_OURS}")
+            lines.append(entry)
         by_shard: dict = {}
         for entry in lines:
             by_shard.setdefault(entry["shard"], []).append(entry)
@@ -171,8 +200,7 @@ class ShardStore:
             atomic_write_text(manifest, "".join(json.dumps(e) + "\n" for e in self.entries))
         wanted = {shard_name(s) for s in keep} | ({frames_name(s) for s in keep} if self.per_frame else set())
         for p in self.out.iterdir():
-            stray = (p.name.startswith(("shard_", "frames_")) and p.name.endswith(".npy") and p.name not in wanted)
-            if stray or (p.name.startswith(".") and p.name.endswith(".tmp")):
+            if (OUR_ARRAY.match(p.name) and p.name not in wanted) or _is_our_tmp(p.name):
                 logger.info("removing %s (not in the manifest: left by an interrupted run)", p.name)
                 p.unlink()
         self.done = {e[self.key_field] for e in self.entries}
@@ -229,7 +257,8 @@ def read_video_entries(args) -> list:
             raise BadInput(f"{src}: no video files ({' '.join(VIDEO_EXTENSIONS[:6])} ...) and no frame folders "
                            f"(holding {args.image_tmpl.format(args.index_start)}) found")
     elif src.is_file():
-        entries = [(r.path, r.num_frames, r.label) for r in read_list_file(str(src), root=args.root)]
+        records = read_list_file(str(src), root=args.root, allow_outside_root=args.allow_outside_root)
+        entries = [(r.path, r.num_frames, r.label) for r in records]
     else:
         raise BadInput(f"input not found: {src} (expected a list file, a folder of videos or of frame folders)")
     seen, unique = set(), []
@@ -243,14 +272,28 @@ def read_video_entries(args) -> list:
 
 
 def check_or_write_config(out: Path, config: dict) -> None:
-    """Record the export's settings; refuse a folder that holds features made differently."""
+    """Record the export's settings; refuse a folder that holds features made differently, or files not ours.
+
+    Without ``export_config.json`` (which an export writes before anything else) any file under one of the names
+    this tool writes was put there by something else, and is refused rather than overwritten or deleted.
+    """
     path = out / CONFIG
+    if not path.exists():
+        ours = sorted(p.name for p in out.iterdir() if p.name in (MANIFEST, FAILURES, SUMMARY)
+                      or OUR_ARRAY.match(p.name))
+        if ours:
+            raise BadInput(f"{out} holds {', '.join(ours[:5])}{' ...' if len(ours) > 5 else ''} but no {CONFIG}: these "
+                           f"files were not written by extract_features.py (an export writes {CONFIG} first), and "
+                           f"this run would overwrite them. Use another --out folder, or move them away")
     if path.exists():
         try:
             old = json.loads(path.read_text(encoding="utf-8"))
         except (OSError, json.JSONDecodeError) as e:
             raise BadInput(f"{path} is unreadable ({e}); it belongs to an earlier export. Use a new --out folder "
                            f"or delete {out}") from None
+        if not isinstance(old, dict) or old.get("format") != EXPORT_FORMAT["format"]:
+            raise BadInput(f"{path} was not written by extract_features.py (no \"format\": "
+                           f"\"{EXPORT_FORMAT['format']}\"). {NOT_OURS}")
         if old.get("config_hash") != config["config_hash"]:
             diffs = [f"{k}: {old.get('settings', {}).get(k)!r} -> {v!r}" for k, v in config["settings"].items()
                      if old.get("settings", {}).get(k) != v]
@@ -270,7 +313,7 @@ def export_videos(args, encoder: VideoTextEncoder, out: Path) -> dict:
     config_hash = encoder.config_hash(extra)
     check_or_write_config(out, {**extra, "config_hash": config_hash, "model": encoder.identity,
                                 "settings": {**encoder.settings(), **extra}, "embed_dim": encoder.embed_dim})
-    store = ShardStore(out, args.shard_size, args.per_frame, key_field="path")
+    store = ShardStore(out, args.shard_size, args.per_frame, key_field="path", config_hash=config_hash)
     store.recover()
     pending = [e for e in entries if e[0] not in store.done]
     logger.info("%d videos in %s: %d already exported, %d to do", len(entries), args.input,
@@ -329,7 +372,7 @@ def export_texts(args, encoder: VideoTextEncoder, out: Path) -> dict:
     config_hash = encoder.config_hash(extra)
     check_or_write_config(out, {**extra, "config_hash": config_hash, "model": encoder.identity,
                                 "settings": {**encoder.settings(), **extra}, "embed_dim": encoder.embed_dim})
-    store = ShardStore(out, args.shard_size, False, key_field="key")
+    store = ShardStore(out, args.shard_size, False, key_field="key", config_hash=config_hash)
     store.recover()
     keyed = [(f"line {it.line}" if it.line is not None else f"view {it.view} class {it.class_id}", it)
              for it in items]
@@ -341,7 +384,7 @@ def export_texts(args, encoder: VideoTextEncoder, out: Path) -> dict:
     for i in tqdm(range(0, len(pending), step), desc="texts", unit="batch", disable=args.no_progress,
                   dynamic_ncols=True):
         chunk = pending[i:i + step]
-        emb = encoder.encode_texts([it.text for _, it in chunk]).numpy()
+        emb = encoder.encode_texts([it.text for _, it in chunk], source=os.fspath(args.texts)).numpy()
         for (key, it), e in zip(chunk, emb):
             meta = {"key": key, "text": it.text, "class_id": it.class_id, "class_name": it.class_name,
                     "view": it.view, "line": it.line, **base}
@@ -385,6 +428,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--templates", action="store_true",
                    help="with --texts CLASSES.csv: the 16 prompt templates per class (rows are view-major: v*K+k)")
     p.add_argument("--root", help="folder the list file's relative paths are taken from")
+    p.add_argument("--allow-outside-root", action="store_true",
+                   help="with --root: accept list paths that lead outside it (.., links to other disks)")
     p.add_argument("--frames", type=int, default=None, help="frames per clip (default: the T2L model's, or 8)")
     p.add_argument("--input-size", type=int, default=None, help="frame side in pixels (default: the model's)")
     p.add_argument("--clips", type=int, default=1, help="temporal clips per video, averaged (default 1)")
@@ -429,14 +474,27 @@ def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     validate(args, parser)
-    from utils.logger import setup_logging
-
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         logger.error("--out %s exists and is not a folder", out)
         return 2
     out.mkdir(parents=True, exist_ok=True)
+    try:
+        lock = FolderLock(out, "extract_features.py").acquire()  # one export per folder at a time
+    except FolderLockedError as e:
+        logger.error("%s", e)
+        return 2
+    try:
+        return _run(args, out, lock)
+    finally:
+        lock.release()
+
+
+def _run(args, out: Path, lock: FolderLock) -> int:
+    from utils.logger import setup_logging
+
     setup_logging(str(out), 0, filename="extract_log.txt")
+    lock.log_takeover()
     if args.threads:
         torch.set_num_threads(args.threads)
     try:

@@ -7,9 +7,10 @@
     best = (v @ t.T).argmax(dim=1)                          # cosine similarity -> nearest text
 
 What is loaded (``load_model``): an OpenAI CLIP name (``ViT-B/16``) or a CLIP weight file/folder gives the
-frame-averaged CLIP (the zero-shot baseline of test.py); a checkpoint of this project or a published T2L
-checkpoint gives T2L. Our checkpoints record the frozen backbone they were trained on (a CLIP name or file with
-its SHA-256, or the seeded random CLIP of the demo), which is rebuilt from that record.
+frame-averaged CLIP (the zero-shot baseline of test.py); a checkpoint of this project, a published T2L
+checkpoint or a model folder (``python -m modules.checkpoint export``) gives T2L. Our checkpoints record the frozen
+backbone they were trained on (a CLIP name or file with its SHA-256, or the seeded random CLIP of the demo), which
+is rebuilt from that record.
 
 Preprocessing is test.py's, through ``datasets.load_video_clip``: one frame per TSN segment, resize of the short
 side to S*256/224, centre crop S (three crops of side S with ``num_crops=3``), CLIP normalisation, under the same
@@ -42,7 +43,8 @@ from tqdm import tqdm
 import clip
 import engine
 from datasets import TEST_RULES, load_class_list, load_video_clip
-from modules import TEMPLATES, class_texts, load_t2l, read_descriptions
+from modules import TEMPLATES, class_texts, load_t2l, read_descriptions, tokenize_class_texts
+from modules.model_folder import is_model_folder, read_folder_config
 from utils.distributed import pick_device
 
 logger = logging.getLogger(__name__)
@@ -217,26 +219,22 @@ class VideoTextEncoder:
         return torch.cat(out)
 
     # ------------------------------------------------------------------ texts
-    @torch.no_grad()
-    def encode_texts(self, texts: Union[str, Sequence[str]], batch_size: int = 256) -> torch.Tensor:
-        """Strings -> L2-normalised text embeddings (N, E); texts longer than 77 tokens are truncated."""
+    def encode_texts(self, texts: Union[str, Sequence[str]], batch_size: int = engine.TEXT_BATCH,
+                     source: Optional[str] = None) -> torch.Tensor:
+        """Strings -> L2-normalised text embeddings (N, E), ``batch_size`` at a time; texts longer than 77 tokens
+        are truncated, with a warning (once per ``source``, the file they came from) naming them."""
         if isinstance(texts, str):
             texts = [texts]
         texts = list(texts)
         if not texts:
             raise ValueError("encode_texts needs at least one text")
-        tokens = clip.tokenize(texts, context_length=77, truncate=True)
-        out = []
-        with engine.autocast(self.device, self.precision):
-            for i in range(0, len(texts), batch_size):
-                out.append(self.model.encode_text(tokens[i:i + batch_size].to(self.device)).float().cpu())
-        return F.normalize(torch.cat(out), dim=-1)
+        tokens = tokenize_class_texts([texts], source=source)[0]  # (1, N, L) -> (N, L)
+        return engine.encode_tokens(self.model, tokens, self.device, self.precision, batch_size)
 
-    def encode_class_texts(self, class_text: "ClassTexts") -> torch.Tensor:
-        """The texts of a class set -> (V, K, E), as test.py's ``engine.encode_class_texts`` lays them out."""
-        V, K = len(class_text.texts), len(class_text.names)
-        flat = [t for view in class_text.texts for t in view]
-        return self.encode_texts(flat).view(V, K, -1)  # (V*K, E) -> (V, K, E)
+    def encode_class_texts(self, class_text: "ClassTexts", batch_size: int = engine.TEXT_BATCH) -> torch.Tensor:
+        """The texts of a class set -> (V, K, E) on the CPU, exactly as test.py encodes them (``engine``)."""
+        tokens = tokenize_class_texts(class_text.texts, names=class_text.names, source=class_text.source)
+        return engine.encode_class_texts(self.model, tokens, self.device, self.precision, batch_size).cpu()
 
     # Singular aliases, for those who think of one call per batch.
     encode_video = encode_videos
@@ -270,6 +268,8 @@ def model_kind(name_or_path: PathLike, trust: bool = False) -> str:
     if not path.exists():
         raise FileNotFoundError(f"model not found: {name_or_path!r} is neither a file or folder nor a CLIP name "
                                 f"({', '.join(clip.available_models())})")
+    if is_model_folder(path):  # python -m modules.checkpoint export: safetensors + config.json
+        return "t2l"
     if path.is_dir() or path.suffix == ".safetensors" or is_torchscript_archive(path):
         return "clip"
     obj = None
@@ -299,7 +299,8 @@ def load_model(name_or_path: PathLike, device: Union[str, torch.device] = "auto"
 
     Args:
         name_or_path: a CLIP name (``clip.available_models()``) or CLIP weights (any format ``clip.load``
-            reads) -> frame-averaged CLIP; a checkpoint of ours or a published T2L checkpoint -> T2L.
+            reads) -> frame-averaged CLIP; a checkpoint of ours, a published T2L checkpoint or a model folder
+            (``python -m modules.checkpoint export``, read without any pickle) -> T2L.
         device: "auto" (the GPU when there is one), "cpu", "cuda", "cuda:N".
         precision: "auto" (bf16, or fp16 on older GPUs; fp32 on CPU), "fp32", "bf16", "fp16".
         num_frames: T; a T2L model fixes it (a different value is an error), a CLIP takes 8 by default.
@@ -319,11 +320,15 @@ def load_model(name_or_path: PathLike, device: Union[str, torch.device] = "auto"
     kind = model_kind(name_or_path, trust=trust)
     if kind == "t2l":
         model = load_t2l(source, trust=trust)
-        ckpt_format = "published" if getattr(model.clip, "source_identity", {}).get("kind") == "published-t2l" \
-            else "ours"
-        identity = {"kind": "t2l", "format": ckpt_format, "source": source,
-                    "sha256": _file_sha256(Path(source).expanduser())}
-        if ckpt_format == "ours":
+        path = Path(source).expanduser()
+        if path.is_dir():  # a model folder: its identity is its weights file's, as config.json records it
+            ckpt_format, sha256 = "folder", read_folder_config(path).get("weights_sha256")
+        else:
+            ckpt_format = "published" if getattr(model.clip, "source_identity", {}).get("kind") == "published-t2l" \
+                else "ours"
+            sha256 = _file_sha256(path)
+        identity = {"kind": "t2l", "format": ckpt_format, "source": source, "sha256": sha256}
+        if ckpt_format in ("ours", "folder"):
             # The backbone is part of what the checkpoint means: record it (name, its SHA-256, or random seed).
             identity["backbone"] = {k: v for k, v in getattr(model.clip, "source_identity", {}).items()
                                     if k in ("name_or_path", "sha256", "seed", "config")}

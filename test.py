@@ -15,11 +15,17 @@ import logging
 import sys
 from pathlib import Path
 
+from utils.lock import exit_if_busy, lock_output_folder
+
+if __name__ == "__main__":  # a run into a busy output folder stops here, not after the seconds torch takes to import
+    exit_if_busy("test", sys.argv[1:])
+
 import numpy as np
 
 import engine
 from modules import convert_to_fp16_like_published
 from utils import distributed
+from utils.checkpoint import atomic_write, atomic_write_text, remove_stale_tmp
 from utils.config import check_paths, load_config, save_config
 from utils.logger import setup_logging
 from utils.metrics import confusion_matrix, per_class_accuracy, save_confusion_png, write_per_class_csv
@@ -60,12 +66,17 @@ def main(argv=None) -> dict:
     check_paths(cfg, train=False)
     dist_info = distributed.setup(cfg.device)
     out = Path(cfg.output_dir)
-    if dist_info.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-    distributed.barrier()
-    setup_logging(str(out), dist_info.rank, filename="test_log.txt")
     try:
-        return run(cfg, dist_info, out)
+        lock = lock_output_folder(out, "test.py", dist_info)  # one writer per output folder
+        try:
+            setup_logging(str(out), dist_info.rank, filename="test_log.txt")
+            if lock:
+                lock.log_takeover()
+                remove_stale_tmp(out)  # unfinished result files of a killed run (never read); the folder is ours now
+            return run(cfg, dist_info, out)
+        finally:
+            if lock:
+                lock.release()
     finally:
         distributed.cleanup()
 
@@ -109,7 +120,7 @@ def run(cfg, dist_info, out: Path) -> dict:
         # config.yaml describes results.json, so both are written together: a run that fails (bad weights, bad
         # list) leaves an earlier run's pair in the folder as it was.
         save_config(cfg, out / "config.yaml")
-        (out / "results.json").write_text(json.dumps(results, indent=2))
+        atomic_write_text(out / "results.json", json.dumps(results, indent=2), what="results file")
         logger.info("results written to %s\n%s", out / "results.json", results_table(results))
     return results
 
@@ -141,7 +152,9 @@ def write_class_files(res: dict, out: Path, tag: str = "") -> None:
         scores, labels, names = split["_scores"], split["_labels"], split["_names"]
         write_per_class_csv(per_class_accuracy(scores, labels, names), out / f"per_class_{stem}.csv")
         # Per-video class probabilities, for analyses of one's own (retrieval of errors, pairwise accuracy).
-        np.savez_compressed(out / f"scores_{stem}.npz", scores=scores.numpy(), labels=labels.numpy())
+        atomic_write(out / f"scores_{stem}.npz", lambda f: np.savez_compressed(f, scores=scores.numpy(),
+                                                                              labels=labels.numpy()),
+                     what="scores file")
         save_confusion_png(confusion_matrix(scores, labels, len(names)), names, out / f"confusion_{stem}.png",
                            title=f"{res['name']} {split['split']}")
 
@@ -163,6 +176,10 @@ def results_table(results: dict) -> str:
 if __name__ == "__main__":
     try:
         main()
-    except (ValueError, FileNotFoundError, OSError, RuntimeError) as e:
+    except KeyboardInterrupt:
+        logging.getLogger("test").error("interrupted: stopped before the end, so results.json and config.yaml were not "
+                                        "written (a finished run writes them)")
+        sys.exit(130)
+    except (ValueError, FileNotFoundError, OSError, RuntimeError) as e:  # RuntimeError: FolderLockedError too
         logging.getLogger("test").error("%s", e)
         sys.exit(1)

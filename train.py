@@ -17,6 +17,11 @@ import sys
 import time
 from pathlib import Path
 
+from utils.lock import FolderLockedError, exit_if_busy, lock_output_folder
+
+if __name__ == "__main__":  # a run into a busy output folder stops here, not after the seconds torch takes to import
+    exit_if_busy("train", sys.argv[1:])
+
 import numpy as np
 import torch
 from torch.nn.parallel import DistributedDataParallel
@@ -28,7 +33,7 @@ from datasets import VideoDataset, failure_summary_line
 from modules import T2LLoss, convert_to_fp16_like_published, make_checkpoint, save_published
 from modules.checkpoint import init_from_checkpoint, is_published
 from utils import distributed
-from utils.checkpoint import atomic_save, remove_stale_tmp, rng_state, safe_load, set_rng_state
+from utils.checkpoint import atomic_save, atomic_write_text, remove_stale_tmp, rng_state, safe_load, set_rng_state
 from utils.config import check_paths, load_config, save_config
 from utils.logger import MetricsCSV, WandbLogger, plot_curves, setup_logging
 from utils.precision import Fp16MasterStep
@@ -71,6 +76,122 @@ def check_training_checkpoint(ckpt, path) -> None:
                      f"test.py --weights")
 
 
+# Settings a resumed run cannot change, and why: the checkpoint's tensors or optimiser state are made for them.
+# (The frozen backbone, network.pretrained / random_clip / random_seed, is checked by its identity instead, so a
+# CLIP file that was only moved is accepted.) Every other setting is applied from the resumed epoch on.
+FIXED_ON_RESUME = {
+    "data.num_frames": "the temporal tokens hold one vector per frame",
+    "network.t2l.temporal_tokens": "the trained tensors are made for it",
+    "network.t2l.adapter_ratio": "the trained tensors are made for it",
+    "network.t2l.vision_adapters": "the trained tensors are made for it",
+    "network.t2l.text_adapters": "the trained tensors are made for it",
+    "network.t2l.train_temporal_embedding": "it changes which tensors are trained, and so the optimiser state",
+    "solver.no_decay_for_1d": "it moves tensors between optimiser groups, whose saved state is kept per group",
+    "network.init_from": "it says what the run started from, and the run has started",
+}
+
+
+def flat_settings(tree: dict, prefix: str = "") -> dict:
+    """A nested config dict -> {dotted key: value}; lists (eval.sets, betas) stay whole values."""
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict) and value:
+            out.update(flat_settings(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def config_changes(saved: dict, current: dict) -> dict:
+    """{dotted key: (the checkpoint's value, this config's)} for every setting that differs."""
+    old, new = flat_settings(saved), flat_settings(current)
+    return {k: (old.get(k), new.get(k)) for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)}
+
+
+def resume_training(resume, cfg, model, optimizer, scheduler, scaler, steps_per_epoch: int) -> dict:
+    """Load a training checkpoint into the freshly built model, optimiser, schedule and scaler.
+
+    What the run does is what ``cfg`` says: a setting that differs from the checkpoint's config is applied (the
+    optimiser's hyper-parameters are this config's, and the lr schedule is rebuilt when any of its inputs changed),
+    and each is named in the log; a setting the checkpoint cannot follow (``FIXED_ON_RESUME``, another backbone, a
+    different optimiser grouping) stops the run here, before any training, naming the setting.
+    """
+    from modules.checkpoint import check_backbone, load_t2l_tensors
+
+    ckpt = safe_load(resume, trust=cfg.network.trust_checkpoint)
+    if isinstance(ckpt, dict) and is_published(ckpt):
+        raise ValueError(f"{resume} is a published T2L checkpoint, not a training checkpoint of this project: "
+                         f"--resume continues a run of train.py (its last.pt). To start training or fine-tuning "
+                         f"from it, set network.init_from: {resume} (--opts network.init_from={resume})")
+    check_training_checkpoint(ckpt, resume)
+    saved_cfg = ckpt.get("config")
+    changes = config_changes(saved_cfg, cfg.to_dict()) if isinstance(saved_cfg, dict) else {}
+    if not isinstance(saved_cfg, dict):
+        logger.warning("%s holds no config: the settings it was trained with cannot be compared with this run's",
+                       resume)
+    fixed = {k: v for k, v in changes.items() if k in FIXED_ON_RESUME}
+    if ckpt.get("num_frames") != cfg.data.num_frames:
+        fixed["data.num_frames"] = (ckpt.get("num_frames"), cfg.data.num_frames)
+    if fixed:
+        raise ValueError(f"{resume} cannot be resumed with this config: " + "; ".join(
+            f"{k} was {old!r} and is now {new!r} ({FIXED_ON_RESUME[k]})" for k, (old, new) in fixed.items())
+            + ". Resume with the checkpoint's value (--opts "
+            + " ".join(f"{k}={json.dumps(old)}" for k, (old, _) in fixed.items())
+            + "), or start afresh with --no-resume or another output_dir")
+    check_backbone(ckpt.get("backbone") or {}, model.clip, source=str(resume))
+    load_t2l_tensors(model, ckpt["model"], source=str(resume))
+    saved_groups = [len(g.get("params", [])) for g in ckpt["optimizer"].get("param_groups", [])]
+    groups = [len(g["params"]) for g in optimizer.param_groups]
+    if len(saved_groups) != len(groups):
+        raise ValueError(f"{resume} holds an optimiser with {len(saved_groups)} parameter groups, this config makes "
+                         f"{len(groups)}: solver.temporal_token_lr_scale differs from the run's (1 gives 2 groups, any "
+                         f"other value 3). Resume with the run's config, or start over with --no-resume")
+    if saved_groups != groups:
+        raise ValueError(f"{resume} holds an optimiser whose parameter groups have {saved_groups} tensors, this "
+                         f"config makes {groups}: the set of trained tensors differs. Resume with the run's config, "
+                         f"or start over with --no-resume")
+    # load_state_dict restores the saved hyper-parameters too; this config's win (it is what config.yaml records).
+    wanted = [{k: v for k, v in g.items() if k not in ("params", "lr", "initial_lr")} for g in optimizer.param_groups]
+    optimizer.load_state_dict(ckpt["optimizer"])
+    for group, want in zip(optimizer.param_groups, wanted):
+        group.update(want)
+    if ckpt["scaler"] or not scaler.is_enabled():
+        scaler.load_state_dict(ckpt["scaler"])
+    else:  # the run trained without a loss scaler (another solver.precision): this one starts a fresh scale
+        logger.info("resume: %s holds no loss-scaler state (trained without fp16 autocast); starting a fresh scale",
+                    resume)
+    start_epoch, step = int(ckpt["epoch"]) + 1, int(ckpt["step"])
+
+    saved_sched = {"update_every": 1, "steps_per_epoch": 0, **ckpt["scheduler"]}  # states older than these keys
+    ours = scheduler.settings()
+    differs = {k: (saved_sched.get(k), v) for k, v in ours.items() if saved_sched.get(k) != v}
+    if saved_sched["update_every"] == ours["update_every"] == 1:
+        differs.pop("steps_per_epoch", None)  # only read to hold the lr for update_every steps
+    if not differs:
+        scheduler.load_state_dict(saved_sched)
+    else:
+        # Rebuilt from this config: the same position when an epoch still has as many steps, else the start of the
+        # resumed epoch in the new schedule.
+        old_epochs = (saved_cfg or {}).get("solver", {}).get("epochs")
+        old_per_epoch = saved_sched["steps_per_epoch"] or (saved_sched["total_steps"] // old_epochs if old_epochs
+                                                            else None)
+        position = step if old_per_epoch == steps_per_epoch else start_epoch * steps_per_epoch
+        scheduler.set_step(position)
+        step = position
+        logger.info("resume: the lr schedule is rebuilt from this config (%s); it continues at step %d with lr %s",
+                    ", ".join(f"{k} {old} -> {new}" for k, (old, new) in differs.items()), step,
+                    ", ".join(f"{lr:.4g}" for lr in scheduler.get_lr()))
+    if changes:
+        logger.info("resume: %d setting(s) differ from %s's and are applied from epoch %d on: %s", len(changes),
+                    resume, start_epoch + 1, "; ".join(f"{k} {old!r} -> {new!r}" for k, (old, new) in changes.items()))
+    resumes = list(ckpt.get("resumes", []))
+    if changes:
+        resumes.append({"epoch": start_epoch, "changes": {k: list(v) for k, v in changes.items()}})
+    return {"start_epoch": start_epoch, "step": step, "best": dict(ckpt.get("best", {})), "resumes": resumes,
+            "nonfinite_total": int(ckpt.get("nonfinite_skipped", 0)),  # metrics.csv counts over the whole run
+            "rng": ckpt["rng"]}
+
+
 def param_groups(model, cfg):
     """AdamW groups: weight decay on matrices; none on biases and temporal tokens when no_decay_for_1d.
 
@@ -106,12 +227,17 @@ def main(argv=None) -> dict:
     check_paths(cfg, train=True)
     dist_info = distributed.setup(cfg.device)
     out = Path(cfg.output_dir)
-    if dist_info.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-    distributed.barrier()
-    setup_logging(str(out), dist_info.rank)
     try:
-        return train(cfg, args, dist_info, out)
+        # Before anything is written there (the log included): a second run into a busy folder stops here.
+        lock = lock_output_folder(out, "train.py", dist_info)
+        try:
+            setup_logging(str(out), dist_info.rank)
+            if lock:
+                lock.log_takeover()
+            return train(cfg, args, dist_info, out)
+        finally:
+            if lock:
+                lock.release()
     finally:
         distributed.cleanup()
 
@@ -133,7 +259,8 @@ def train(cfg, args, dist_info, out: Path) -> dict:
                            index_start=cfg.data.index_start, flip=cfg.data.flip, on_error=cfg.data.on_error,
                            seed=cfg.seed, class_names=class_names, classes_source=cfg.data.classes,
                            check_labels=cfg.data.check_labels, paths=engine.path_rules(cfg.data.paths),
-                           train_sampling=cfg.data.train_sampling, test_rules=cfg.eval.rules)
+                           train_sampling=cfg.data.train_sampling, test_rules=cfg.eval.rules,
+                           allow_outside_root=cfg.data.allow_outside_root)
     sampler = DistributedSampler(dataset, num_replicas=dist_info.world_size, rank=dist_info.rank, shuffle=True,
                                  seed=cfg.seed, drop_last=True)
     if len(sampler) < cfg.data.batch_size:
@@ -178,31 +305,12 @@ def train(cfg, args, dist_info, out: Path) -> dict:
 
     # ---- resume
     start_epoch, step, best, nonfinite_total = 0, 0, {}, 0
+    resumes = []
     if resume:
-        ckpt = safe_load(resume, trust=cfg.network.trust_checkpoint)
-        if isinstance(ckpt, dict) and is_published(ckpt):
-            raise ValueError(f"{resume} is a published T2L checkpoint, not a training checkpoint of this project: "
-                             f"--resume continues a run of train.py (its last.pt). To start training or fine-tuning "
-                             f"from it, set network.init_from: {resume} (--opts network.init_from={resume})")
-        check_training_checkpoint(ckpt, resume)
-        if ckpt.get("num_frames") != cfg.data.num_frames:
-            raise ValueError(f"{resume} was trained with {ckpt.get('num_frames')} frames, but data.num_frames is "
-                             f"{cfg.data.num_frames}")
-        from modules.checkpoint import load_t2l_tensors
-
-        load_t2l_tensors(model, ckpt["model"], source=str(resume))
-        saved_groups = len(ckpt["optimizer"].get("param_groups", []))
-        if saved_groups != len(optimizer.param_groups):
-            raise ValueError(f"{resume} holds an optimiser with {saved_groups} parameter groups, this config makes "
-                             f"{len(optimizer.param_groups)}: solver.temporal_token_lr_scale differs from the run's "
-                             f"(1 gives 2 groups, any other value 3). Resume with the run's config, or start over "
-                             f"with --no-resume")
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scheduler.load_state_dict(ckpt["scheduler"])
-        scaler.load_state_dict(ckpt["scaler"])
-        start_epoch, step, best = int(ckpt["epoch"]) + 1, int(ckpt["step"]), dict(ckpt.get("best", {}))
-        nonfinite_total = int(ckpt.get("nonfinite_skipped", 0))  # metrics.csv counts over the whole run
-        set_rng_state(ckpt["rng"][min(dist_info.rank, len(ckpt["rng"]) - 1)])
+        state = resume_training(resume, cfg, model, optimizer, scheduler, scaler, steps_per_epoch)
+        start_epoch, step, best, nonfinite_total, resumes = (state[k] for k in (
+            "start_epoch", "step", "best", "nonfinite_total", "resumes"))
+        set_rng_state(state["rng"][min(dist_info.rank, len(state["rng"]) - 1)])
         logger.info("resumed from %s: epoch %d done, step %d", resume, start_epoch, step)
 
     if dist_info.is_main:
@@ -317,7 +425,8 @@ def train(cfg, args, dist_info, out: Path) -> dict:
         if dist_info.is_main:
             ckpt = make_checkpoint(model, epoch=epoch, step=step, optimizer=optimizer.state_dict(),
                                    scheduler=scheduler.state_dict(), scaler=scaler.state_dict(), rng=rngs,
-                                   best=best, nonfinite_skipped=nonfinite_total, config=cfg.to_dict())
+                                   best=best, nonfinite_skipped=nonfinite_total, config=cfg.to_dict(),
+                                   resumes=resumes)
             # last.pt is the commit point of the epoch, so it is written last: a run killed before it redoes the
             # epoch (and rewrites the files below identically); one killed after it has all of them.
             if metrics_csv is None:  # rows are 1-based epochs; a resumed run redoes epochs start_epoch + 1 onwards
@@ -340,7 +449,7 @@ def train(cfg, args, dist_info, out: Path) -> dict:
         wandb.finish()
     summary = {"epochs": cfg.solver.epochs, "steps": step, "best": best, "nonfinite_skipped": nonfinite_total}
     if dist_info.is_main:
-        (out / "train_summary.json").write_text(json.dumps(summary, indent=2))
+        atomic_write_text(out / "train_summary.json", json.dumps(summary, indent=2), what="training summary")
     return summary
 
 
@@ -350,6 +459,11 @@ if __name__ == "__main__":
 
     try:
         main()
-    except (ValueError, FileNotFoundError, NonFiniteLossError, OSError, UnsafeCheckpointError, SampleLoadError) as e:
+    except KeyboardInterrupt:
+        logging.getLogger("train").error("interrupted: the last finished epoch is kept in last.pt (if any); run the "
+                                         "same command again to resume")
+        sys.exit(130)
+    except (ValueError, FileNotFoundError, NonFiniteLossError, OSError, UnsafeCheckpointError, SampleLoadError,
+            FolderLockedError) as e:
         logging.getLogger("train").error("%s", e)
         sys.exit(1)

@@ -248,8 +248,47 @@ def _refuse_manifest(path: str, first_line: str) -> None:
             "or the official splits' subcommands)")
 
 
+class _InsideRoot:
+    """Whether paths stay inside a root folder once ``..`` and symbolic links are resolved.
+
+    The real path of each distinct parent folder is computed once, and each folder is listed once to learn which of
+    its entries are links, so a list of 240,000 videos costs a few hundred system calls, not one per line.
+    """
+
+    def __init__(self, root: str):
+        self.root = os.path.realpath(root)
+        self._real_dirs: dict = {}
+        self._links: dict = {}
+
+    def _links_in(self, folder: str) -> set:
+        if folder not in self._links:
+            try:
+                with os.scandir(folder) as it:
+                    self._links[folder] = {e.name for e in it if e.is_symlink()}
+            except OSError:  # a missing folder: its videos are reported as unreadable when they are read
+                self._links[folder] = set()
+        return self._links[folder]
+
+    def real(self, path: str) -> str:
+        """``os.path.realpath(path)``, cached per parent folder."""
+        trimmed = path.rstrip(os.sep) or os.sep
+        head, name = os.path.split(trimmed)
+        if name in ("", ".", ".."):
+            return os.path.realpath(trimmed)
+        if head not in self._real_dirs:
+            self._real_dirs[head] = os.path.realpath(head or os.curdir)
+        real_head = self._real_dirs[head]
+        if name in self._links_in(real_head):
+            return os.path.realpath(os.path.join(real_head, name))
+        return os.path.join(real_head, name)
+
+    def contains(self, path: str) -> tuple[bool, str]:
+        real = self.real(path)
+        return (self.root == os.sep or real == self.root or real.startswith(self.root + os.sep)), real
+
+
 def read_list_file(path: str, root: Optional[str] = None, num_classes: Optional[int] = None,
-                   paths: Optional[PathRules] = None) -> List[VideoRecord]:
+                   paths: Optional[PathRules] = None, allow_outside_root: bool = False) -> List[VideoRecord]:
     """Read a list file into records.
 
     Args:
@@ -259,6 +298,10 @@ def read_list_file(path: str, root: Optional[str] = None, num_classes: Optional[
         num_classes: when given, every label must lie in ``[0, num_classes)``.
         paths: :class:`PathRules` that turn the list's paths into paths on this machine first (published split
             files with the authors' absolute paths).
+        allow_outside_root: with a ``root``, every relative path (after ``paths``) joined with the root must
+            still lie inside it once ``..`` and symbolic links are resolved, so that a list cannot climb out of the
+            root (``../..``, a link to ``/etc``); True lifts that check (data linked in from another disk).
+            Absolute paths, and every path when there is no root, are taken as written.
 
     Returns:
         One :class:`VideoRecord` per video line, in file order.
@@ -266,12 +309,14 @@ def read_list_file(path: str, root: Optional[str] = None, num_classes: Optional[
     Raises:
         FileNotFoundError: the list file does not exist.
         ListFileError: a malformed line or a label out of range (message ``<file>:<line>: ...``),
-            a list without any video, or a manifest of extract_frames.py given as a list.
+            a path that leaves the root, a list without any video, or a manifest of extract_frames.py
+            given as a list.
     """
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"list file not found: {path}")
     rules = paths or PathRules()
+    inside = _InsideRoot(os.fspath(root)) if root is not None and not allow_outside_root else None
     by_name = _manifest_names(root) if rules.by_name else None
     records: List[VideoRecord] = []
 
@@ -308,8 +353,16 @@ def read_list_file(path: str, root: Optional[str] = None, num_classes: Optional[
                         f"{'' if not found else ': ' + ', '.join(found[:3])}")
                 video = found[0]
             video = os.path.expanduser(video)
-            if root is not None and not os.path.isabs(video):
+            joined = root is not None and not os.path.isabs(video)
+            if joined:
                 video = os.path.join(os.fspath(root), video)
+            if inside is not None and joined:  # an absolute path names its place itself, and is kept
+                ok, real = inside.contains(video)
+                if not ok:
+                    raise ListFileError(
+                        f"{path}:{line_no}: {rec.path!r} leads outside the data root {root} (to {real}); list paths "
+                        f"must stay inside their root. If the data is meant to be there (a link to another disk), "
+                        f"set data.allow_outside_root: true")
             records.append(VideoRecord(video, rec.num_frames, label, line_no))
     if not records:
         raise ListFileError(f"{path}: the list file has no video lines; expected "

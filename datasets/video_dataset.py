@@ -115,6 +115,7 @@ class VideoDataset(Dataset):
             ``test_rules`` every epoch (what the published base-to-novel and few-shot configs train with, their
             ``random_shift: False``); the augmentation stays random either way.
         seed: base seed; the clip of sample ``i`` in epoch ``e`` depends on ``(seed, e, i)`` only.
+        allow_outside_root: accept list paths that lead outside ``root`` (see :func:`datasets.read_list_file`).
 
     ``ds[i]`` is a dict: ``video`` float32 ``(T, 3, S, S)`` in training, ``(V, T, 3, S, S)`` with
     ``V = num_clips * num_crops`` (clip-major) in testing; ``label`` int (-1 when unknown); ``index``
@@ -127,7 +128,8 @@ class VideoDataset(Dataset):
                  on_error: str = "skip", num_classes: Optional[int] = None, seed: int = 0,
                  test_rules: str = "published", class_names: Optional[List[str]] = None,
                  classes_source: str = "the class list", check_labels: bool = True,
-                 paths: Optional[PathRules] = None, train_sampling: str = "segments"):
+                 paths: Optional[PathRules] = None, train_sampling: str = "segments",
+                 allow_outside_root: bool = False):
         if mode not in ("train", "test"):
             raise ValueError(f"mode must be 'train' or 'test', got {mode!r}")
         if on_error not in ("skip", "raise"):
@@ -145,7 +147,8 @@ class VideoDataset(Dataset):
         self.list_file = os.fspath(list_file)
         if class_names is not None:
             num_classes = len(class_names) if num_classes is None else num_classes
-        self.records: List[VideoRecord] = read_list_file(list_file, root=root, num_classes=num_classes, paths=paths)
+        self.records: List[VideoRecord] = read_list_file(list_file, root=root, num_classes=num_classes, paths=paths,
+                                                         allow_outside_root=allow_outside_root)
         if class_names is not None and check_labels:
             check_labels_match_names(self.records, class_names, self.list_file, classes_source)
         self.num_frames = int(num_frames)

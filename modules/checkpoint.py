@@ -164,7 +164,7 @@ def is_published(ckpt: dict) -> bool:
 
 def load_t2l(path: str | Path, clip_model: Optional[torch.nn.Module] = None, trust: bool = False,
              map_location: str = "cpu", **options) -> T2L:
-    """Load a T2L model from our checkpoint or a published one.
+    """Load a T2L model from our checkpoint, a published one, or a model folder (``modules.model_folder``).
 
     Published checkpoints carry the whole CLIP; ours carry its identity, and the backbone is loaded with
     ``clip.load(backbone.name_or_path)`` (checked against the recorded SHA-256) unless ``clip_model`` is given.
@@ -174,6 +174,10 @@ def load_t2l(path: str | Path, clip_model: Optional[torch.nn.Module] = None, tru
     from clip.model import build_model
 
     path = Path(path)
+    if path.is_dir():  # a model folder (python -m modules.checkpoint export): safetensors + JSON, no pickle
+        from .model_folder import load_model_folder
+
+        return load_model_folder(path, clip_model=clip_model, **options)
     ckpt = read_checkpoint(path, trust=trust)
     if ckpt.get("format") == FORMAT:
         backbone = ckpt.get("backbone") or {}
@@ -216,6 +220,14 @@ def init_from_checkpoint(model: T2L, path: str | Path, trust: bool = False) -> N
     count, variant and adapter sizes must match the model; every mismatch is an error naming the tensor.
     """
     source = str(path)
+    if Path(path).is_dir():  # a model folder: its T2L tensors, trained on the backbone it records
+        from .model_folder import read_model_folder
+
+        config, t2l_sd, _ = read_model_folder(path)
+        check_backbone(config["backbone"], model.clip, source=source)
+        load_t2l_tensors(model, t2l_sd, source=source)
+        logger.info("initialised the T2L tensors from the model folder %s", source)
+        return
     ckpt = read_checkpoint(path, trust=trust)
     if ckpt.get("format") == FORMAT:
         check_backbone(ckpt.get("backbone") or {}, model.clip, source=source)
@@ -313,12 +325,13 @@ def random_clip(config: dict, seed: int = 0) -> torch.nn.Module:
 
 
 def _convert_main(argv=None) -> int:
-    """``python -m modules.checkpoint OURS.pt PUBLISHED.pth``: write the published full-model layout."""
+    """``python -m modules.checkpoint [convert] OURS.pt PUBLISHED.pth``: write the published full-model layout."""
     import argparse
 
-    p = argparse.ArgumentParser(prog="python -m modules.checkpoint",
-                                description="Convert a T2L checkpoint of ours (or a published one) into the published "
-                                            "layout (full fp16 model), readable by the original T2L/EZ-CLIP code.",
+    p = argparse.ArgumentParser(prog="python -m modules.checkpoint [convert]",
+                                description="Convert a T2L checkpoint of ours (or a published one, or a model folder) "
+                                            "into the published layout (full fp16 model), readable by the original "
+                                            "T2L/EZ-CLIP code.",
                                 epilog="example: python -m modules.checkpoint output/k400_zero_shot/last.pt "
                                        "k400_published.pth")
     p.add_argument("src")
@@ -327,12 +340,59 @@ def _convert_main(argv=None) -> int:
     p.add_argument("--trust-checkpoint", action="store_true", help="allow full unpickling (only for trusted files)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    ckpt = read_checkpoint(args.src, trust=args.trust_checkpoint)
+    epoch = 0 if Path(args.src).is_dir() else int(read_checkpoint(args.src, trust=args.trust_checkpoint).get("epoch", 0))
     model = load_t2l(args.src, trust=args.trust_checkpoint)
-    save_published(model, args.dst, epoch=int(ckpt.get("epoch", 0)), half=not args.fp32)
+    save_published(model, args.dst, epoch=epoch, half=not args.fp32)
     logger.info("wrote %s (published layout, %s)", args.dst, "fp32" if args.fp32 else "fp16")
     return 0
 
 
+def _export_main(argv=None) -> int:
+    """``python -m modules.checkpoint export CKPT OUT_DIR [--full]``: a shareable model folder (safetensors)."""
+    import argparse
+    import sys
+
+    from .model_folder import export_model_folder
+
+    p = argparse.ArgumentParser(prog="python -m modules.checkpoint export",
+                                description="Write a shareable model folder: model.safetensors (the T2L tensors, or "
+                                            "everything with --full), config.json (backbone identity, frames, "
+                                            "options) and README.md (a model card). features.load_model(OUT_DIR), "
+                                            "predict.py / extract_features.py / search.py --model OUT_DIR and "
+                                            "test.py --weights OUT_DIR load it without any pickle.",
+                                epilog="example: python -m modules.checkpoint export output/k400_zero_shot/last.pt "
+                                       "k400_t2l")
+    p.add_argument("ckpt", help="a checkpoint of ours, a published T2L checkpoint, or a model folder")
+    p.add_argument("out_dir", help="the folder to write (new, or an earlier model folder with --overwrite)")
+    p.add_argument("--full", action="store_true",
+                   help="include the frozen CLIP too (a self-contained folder; needed for published checkpoints)")
+    p.add_argument("--name", help="the model's name in the card (default: the folder's name)")
+    p.add_argument("--overwrite", action="store_true", help="replace the model folder already in OUT_DIR")
+    p.add_argument("--trust-checkpoint", action="store_true", help="allow full unpickling (only for trusted files)")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    from utils.checkpoint import UnsafeCheckpointError
+
+    try:
+        export_model_folder(args.ckpt, args.out_dir, full=args.full, trust=args.trust_checkpoint,
+                            overwrite=args.overwrite, name=args.name)
+    except (CheckpointError, UnsafeCheckpointError, FileNotFoundError, ValueError, OSError) as e:
+        print(f"python -m modules.checkpoint export: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def main(argv=None) -> int:
+    """``export CKPT OUT_DIR`` writes a model folder; ``[convert] SRC DST`` (the original form) the published layout."""
+    import sys
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "export":
+        return _export_main(argv[1:])
+    if argv and argv[0] == "convert":
+        return _convert_main(argv[1:])
+    return _convert_main(argv)
+
+
 if __name__ == "__main__":
-    raise SystemExit(_convert_main())
+    raise SystemExit(main())

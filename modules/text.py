@@ -127,10 +127,31 @@ def class_texts(class_names: Sequence[str], descriptions: Optional[dict[str, str
     return [[by_key.get(name_key(n)) or TEMPLATES[0].format(readable_name(n)) for n in names]]
 
 
-def tokenize_class_texts(texts: list[list[str]], context_length: int = 77) -> torch.Tensor:
-    """texts[v][k] -> token ids (V, K, context_length); descriptions longer than the context are truncated."""
+# Sources whose over-long texts were already reported: a training run tokenises its evaluation sets every epoch.
+_TRUNCATION_WARNED: set = set()
+
+
+def tokenize_class_texts(texts: list[list[str]], context_length: int = 77, names: Optional[Sequence[str]] = None,
+                         source: Optional[str] = None) -> torch.Tensor:
+    """texts[v][k] -> token ids (V, K, context_length); texts longer than the context are truncated.
+
+    Truncation is warned once per ``source`` (the descriptions file), naming the classes (``names[k]``) whose text
+    was cut and how long it was.
+    """
     import clip  # imported here so that modules/ imports without the tokenizer's vocabulary being read
 
     V, K = len(texts), len(texts[0])
     flat = [t for view in texts for t in view]
-    return clip.tokenize(flat, context_length=context_length, truncate=True).view(V, K, context_length)
+    tokens = clip.tokenize(flat, context_length=context_length, truncate=True)
+    key = source or "texts"
+    if key not in _TRUNCATION_WARNED:
+        # Only a text that filled the whole context can have been cut; count those exactly.
+        tok = clip.get_tokenizer()
+        cut = [(i, n) for i in torch.nonzero(tokens[:, -1]).flatten().tolist()
+               if (n := len(tok.encode(flat[i])) + 2) > context_length]
+        if cut:
+            _TRUNCATION_WARNED.add(key)
+            what = [f"{names[i % K] if names is not None else repr(flat[i][:40])} ({n} tokens)" for i, n in cut]
+            logger.warning("%s: %d text(s) are longer than CLIP's %d tokens and are cut to fit: %s", key, len(cut),
+                           context_length, ", ".join(what[:20]) + (" ..." if len(what) > 20 else ""))
+    return tokens.view(V, K, context_length)

@@ -48,3 +48,33 @@ def tiny_clip_file(tmp_path, tiny_clip_state_dict):
     path = tmp_path / "tiny_clip.pt"
     torch.save(tiny_clip_state_dict, path)
     return path
+
+
+@pytest.fixture(scope="module")
+def single_thread():
+    """One intra-op thread for a module's tests: on a busy 2-core machine two threads spin against each other and
+    run many times slower. Use with ``pytestmark = pytest.mark.usefixtures("single_thread")``."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def save_tiny_t2l(path, seed: int = 0, perturb_seed: int = 7, clip_config: dict = TINY_CLIP, clip_seed: int = 0,
+                  **extra):
+    """A tiny T2L checkpoint of ours at ``path`` on the seeded random CLIP ``clip_config``, its T2L tensors perturbed
+    (seeded) so that adapters and temporal tokens change the outputs; ``extra`` goes into the checkpoint dict."""
+    from modules import build_t2l, make_checkpoint, random_clip
+    from utils.checkpoint import atomic_save
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = build_t2l(random_clip(clip_config, seed=clip_seed), num_frames=8, drop_path_rate=0.0)
+    gen = torch.Generator().manual_seed(perturb_seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if not name.startswith("clip."):
+                p.add_(0.05 * torch.randn(p.shape, generator=gen))
+    backbone = {"name_or_path": "random", "seed": clip_seed, "config": dict(clip_config)}
+    atomic_save(make_checkpoint(model, backbone=backbone, **extra), path)
+    return path

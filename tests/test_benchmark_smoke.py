@@ -61,3 +61,27 @@ def test_xclip_zero_shot_contender_computes_what_xclip_forward_computes():
         ours = throughput.xclip_zero_shot_logits(xclip, videos, throughput.xclip_text_embeddings(xclip, tokens))
     assert ours.shape == (3, 5)
     torch.testing.assert_close(ours, reference, rtol=1e-5, atol=1e-5)
+
+
+def test_timeline_and_search_benchmarks_run_at_tiny_sizes(tmp_path, capsys):
+    """benchmarks/timeline.py memory and benchmarks/search.py speed end to end at toy sizes: their figures are there,
+    the generated video is deleted, and the exact search agrees with itself."""
+    from benchmarks import search as search_bench
+    from benchmarks import timeline as timeline_bench
+    from conftest import save_tiny_t2l
+
+    threads = torch.get_num_threads()
+    try:
+        ckpt = save_tiny_t2l(tmp_path / "tiny.pt")
+        assert timeline_bench.main(["memory", "--model", str(ckpt), "--classes", "a,b,c", "--minutes", "0.1",
+                                    "--work", str(tmp_path / "work"), "--threads", "1", "--json-out",
+                                    str(tmp_path / "tl.json")]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    figures = json.loads((tmp_path / "tl.json").read_text())
+    assert figures["windows"] == 5 and figures["video"]["frames"] == 150 and 0 < figures["max_cached_frames"] <= 8
+    assert figures["rss_at"] and not list((tmp_path / "work").glob("*.mp4"))
+    assert search_bench.main(["--json-out", str(tmp_path / "s.json"), "speed", "--rows", "500", "--dim", "16",
+                              "--faiss"]) == 0
+    entry = json.loads((tmp_path / "s.json").read_text())["collections"][0]
+    assert entry["rows"] == 500 and entry["exact_single_query_ms_median"] > 0

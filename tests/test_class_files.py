@@ -187,3 +187,21 @@ if __name__ == "__main__":
         else:
             n, mean, longest = row
             print(f"{key:<14}{n:>8}{mean:>13.1f}{longest:>12}")
+
+
+def test_a_description_longer_than_the_context_is_warned_once_per_file_naming_the_class(caplog):
+    from modules import text as text_module
+    from modules import tokenize_class_texts
+
+    names = ["juggling", "archery", "rowing"]
+    long_text = "A person throws and catches several balls in a steady rhythm, " * 8  # about 98 tokens
+    texts = [["Balls fly up and down.", long_text, "Oars pull a boat through water."]]
+    text_module._TRUNCATION_WARNED.discard("long.csv")
+    with caplog.at_level("WARNING", logger="modules.text"):
+        tokens = tokenize_class_texts(texts, names=names, source="long.csv")
+        tokenize_class_texts(texts, names=names, source="long.csv")  # the next epoch's evaluation: said already
+    warnings = [r.getMessage() for r in caplog.records if "longer than CLIP" in r.getMessage()]
+    assert len(warnings) == 1, warnings
+    assert re.match(r"long.csv: 1 text\(s\) are longer than CLIP's 77 tokens and are cut to fit: archery \(\d+ "
+                    r"tokens\)$", warnings[0])
+    assert tokens.shape == (1, 3, 77) and int(tokens[0, 1, -1]) == 49407  # cut, EOT kept last

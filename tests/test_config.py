@@ -114,3 +114,30 @@ def test_opts_override_one_field_of_an_eval_set(tmp_path):
     # the whole list is still replaced by a list value
     cfg = load_config(tmp_path / "exp.yaml", ["eval.sets=[{name: c, lists: [c.txt]}]"])
     assert [s.name for s in cfg.eval.sets] == ["c"]
+
+
+@pytest.mark.parametrize("opts, message", [
+    (['eval.sets=[{name: ucf, lists: [["a.txt", "b.txt"]]}]'],
+     r"eval.sets\[ucf\].lists\[0\] must be a list file's path, got \['a.txt', 'b.txt'\] \(list\)"),
+    (["solver.epochs=-1"], r"solver.epochs must be at least 1, got -1$"),
+    (["solver.lr=.inf"], r"solver.lr: expected a finite number, got inf$"),
+    (["solver.lr=.nan"], r"solver.lr: expected a finite number, got nan$"),
+    (["loss.tfd_weight=1e999"], r"loss.tfd_weight: expected a finite number, got '1e999'$"),
+    (["solver.warmup_epochs=40"], r"solver.warmup_epochs must lie in 0..solver.epochs \(30\), got 40.0$"),
+    (["test.weights=[[a.pt]]"], r"test.weights\[0\] must be a checkpoint's path, got \['a.pt'\]"),
+])
+def test_bad_values_are_one_line_config_errors_before_any_work(opts, message):
+    """Before the fix: TypeError deep in a reader, 'total_steps must be a positive int, got -4', or an epoch
+    trained at an infinite lr before the loss was caught."""
+    with pytest.raises(ConfigError, match=message) as info:
+        load_config(None, opts)
+    assert "\n" not in str(info.value)
+
+
+def test_deeply_nested_yaml_is_a_config_error_not_a_recursion_error(tmp_path):
+    deep = tmp_path / "deep.yaml"
+    deep.write_text("seed: " + "[" * 3000 + "]" * 3000 + "\n")
+    with pytest.raises(ConfigError, match=r"deep.yaml: a value is nested too deeply to be a config"):
+        load_config(deep)
+    with pytest.raises(ConfigError, match=r"with --opts: a value is nested too deeply"):
+        load_config(None, ["seed=" + "{a: " * 3000 + "1" + "}" * 3000])

@@ -7,6 +7,7 @@ tell exactly which frame came back.
 
 import logging
 import os
+import re
 import sys
 
 import numpy as np
@@ -106,7 +107,7 @@ def test_read_list_file_forms_and_root(tmp_path):
         "air drumming/x y.mp4 120 2",  # spaces in the path
         "d/v4.mp4 10 -1",        # unknown label
     ])
-    recs = read_list_file(lst, root="ROOT")
+    recs = read_list_file(lst, root="ROOT", allow_outside_root=True)  # the absolute path lies outside ROOT
     assert len(recs) == 7
     assert recs[0].path.endswith("#437_How_To_Ride_A_Bike_ride_bike_f_cm_np1_ba_med_0"), "'#' is no comment"
     recs = recs[1:]
@@ -117,6 +118,30 @@ def test_read_list_file_forms_and_root(tmp_path):
     assert recs[4].path == os.path.join("ROOT", "air drumming/x y.mp4") and recs[4].label == 2
     assert recs[5].label is None and recs[5].line == 8
     assert read_list_file(lst)[1].path == "a/v1.mp4"
+
+
+def test_list_paths_that_leave_the_root_are_refused_unless_allowed(tmp_path):
+    root, outside = tmp_path / "frames", tmp_path / "elsewhere"
+    (root / "a" / "v1").mkdir(parents=True)
+    (outside / "secret").mkdir(parents=True)
+    os.symlink(outside / "secret", root / "a" / "linked_out")      # a link leading out of the root
+    os.symlink(root / "a" / "v1", root / "a" / "linked_in")         # a link that stays inside: fine
+    os.symlink(outside, root / "disk2")                             # a linked-in folder of another disk
+    good = ["a/v1 8 0", "a/linked_in 8 1", "a/../a/v1 8 0"]
+    assert len(read_list_file(write_list(tmp_path / "ok.txt", good), root=str(root))) == 3
+    for n, bad in enumerate(["../elsewhere/secret 8 0", "a/linked_out 8 1", "disk2/secret 8 1", "a/v1/../../.. 8 0"]):
+        lst = write_list(tmp_path / f"bad{n}.txt", good + [bad])
+        with pytest.raises(ListFileError, match=rf"bad{n}.txt:4: '{re.escape(bad.split()[0])}' leads outside the "
+                                                rf"data root {re.escape(str(root))} .*data.allow_outside_root"):
+            read_list_file(lst, root=str(root))
+        assert read_list_file(lst, root=str(root), allow_outside_root=True)[3].line == 4
+    # An absolute path names its place itself and is kept, with or without a root, as it always was.
+    absolute = write_list(tmp_path / "abs.txt", [f"{outside}/secret 8 0"])
+    assert read_list_file(absolute)[0].path == read_list_file(absolute, root=str(root))[0].path == f"{outside}/secret"
+    # The option reaches the dataset (and, through data.allow_outside_root, train.py and test.py).
+    with pytest.raises(ListFileError, match="leads outside"):
+        VideoDataset(str(tmp_path / "bad1.txt"), root=str(root), mode="test")
+    assert len(VideoDataset(str(tmp_path / "bad1.txt"), root=str(root), mode="test", allow_outside_root=True)) == 4
 
 
 @pytest.mark.parametrize("bad", ["v.mp4 many 3", "v.mp4 30 x", "v.mp4 -4 1", "v.mp4 x", "v.mp4 3 -2"])

@@ -7,6 +7,7 @@ random point followed by a rerun gives the files of an uninterrupted run, and un
 import json
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -26,7 +27,8 @@ from datasets import SampleLoadError, VideoDataset  # noqa: E402
 import extract_features  # noqa: E402
 import features  # noqa: E402
 from features import load_model  # noqa: E402
-from modules import build_t2l, make_checkpoint, random_clip, save_published  # noqa: E402
+from modules import build_t2l, class_texts, make_checkpoint, random_clip, save_published  # noqa: E402
+from modules import tokenize_class_texts  # noqa: E402
 from utils.checkpoint import atomic_save  # noqa: E402
 from utils.config import load_config  # noqa: E402
 
@@ -383,3 +385,77 @@ def test_bad_arguments_are_clear_errors(ckpt, tmp_path, demo):
     empty = tmp_path / "empty_folder"
     empty.mkdir()
     assert run_export(empty, "--model", ckpt, "--out", tmp_path / "o2") == 2
+
+
+# ---------------------------------------------------------------------------------------------- foreign files
+def test_files_an_export_did_not_write_are_refused_and_left_as_they_were(demo, ckpt, reference_export, tmp_path,
+                                                                         caplog):
+    import shutil
+
+    args = [demo / "val.txt", "--root", demo / "frames", "--model", ckpt, "--shard-size", 3, "--workers", 0,
+            "--per-frame"]
+    # A folder of someone else's: a manifest.jsonl of another tool and a shard_00000.npy, no export_config.json.
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "manifest.jsonl").write_text('{"video": "a.mp4", "vector": 0}\n')
+    np.save(foreign / "shard_00000.npy", np.arange(6.0).reshape(2, 3))
+    before = folder_bytes(foreign)
+    assert run_export(*args, "--out", foreign) == 2
+    assert re.search(r"holds manifest.jsonl, shard_00000.npy but no export_config.json: these files were not "
+                     r"written by extract_features.py", caplog.text)
+    assert folder_bytes(foreign) == before  # before the fix: KeyError 'shard' (or the shard overwritten)
+    # Our export, with a line appended that this tool never writes: refused, naming the line, nothing dropped.
+    out = tmp_path / "ours"
+    shutil.copytree(reference_export, out)
+    with (out / "manifest.jsonl").open("a") as f:
+        f.write('{"note": "added by hand"}\n')
+    before = folder_bytes(out)
+    assert run_export(*args, "--out", out) == 2
+    lines = len((out / "manifest.jsonl").read_text().splitlines())
+    assert re.search(rf"manifest.jsonl:{lines}: not a line this tool writes \(no shard, row, path\)", caplog.text)
+    assert folder_bytes(out) == before
+    # A damaged manifest of ours (the last append cut short) is still repaired, as before.
+    data = (out / "manifest.jsonl").read_bytes()
+    (out / "manifest.jsonl").write_bytes(data[:data.rindex(b'{"note"')][:-25])
+    assert run_export(*args, "--out", out) == 0
+    assert folder_bytes(out) == folder_bytes(reference_export)
+
+
+# ---------------------------------------------------------------------------------------------- text batches
+class _CountingTextModel(torch.nn.Module):
+    """A model whose text tower records the rows of every call (to see that texts go in bounded batches)."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.inner = model
+        self.calls = []
+
+    def encode_text(self, tokens):
+        self.calls.append(tokens.shape[0])
+        return self.inner.encode_text(tokens)
+
+    def encode_video(self, videos):
+        return self.inner.encode_video(videos)
+
+    @property
+    def logit_scale(self):
+        return self.inner.logit_scale
+
+
+def test_class_texts_are_encoded_in_bounded_batches_with_the_same_embeddings(encoder):
+    names = [f"action number {i}" for i in range(20)]  # 20 classes x 16 templates = 320 texts
+    classes = features.ClassTexts(names=names, texts=class_texts(names, None, mode="templates"),
+                                  mode="templates", source="test")
+    counting = _CountingTextModel(encoder.model)
+    batched = features.VideoTextEncoder(counting, "t2l", {"source": "x"}, device="cpu", num_frames=8, input_size=32)
+    emb = batched.encode_class_texts(classes, batch_size=100)
+    assert emb.shape == (16, 20, 32) and counting.calls == [100, 100, 100, 20]
+    # The same numbers as encoding everything in one call, and as test.py's path (engine.encode_class_texts).
+    tokens = tokenize_class_texts(classes.texts)
+    with torch.no_grad():
+        whole = torch.nn.functional.normalize(encoder.model.encode_text(tokens.view(320, -1)), dim=-1)
+    torch.testing.assert_close(emb, whole.view(16, 20, -1), atol=1e-6, rtol=1e-5)
+    counting.calls.clear()
+    torch.testing.assert_close(engine.encode_class_texts(counting, tokens, torch.device("cpu"), batch_size=128), emb,
+                               atol=1e-6, rtol=1e-5)
+    assert counting.calls == [128, 128, 64]

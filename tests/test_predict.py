@@ -14,25 +14,15 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "Dataset_creation_scripts"))
 
 import engine  # noqa: E402
-from conftest import random_clip_opts  # noqa: E402
+from conftest import TINY_CLIP, random_clip_opts, save_tiny_t2l  # noqa: E402
 import predict  # noqa: E402
 from datasets import VideoDataset  # noqa: E402
-from modules import build_t2l, make_checkpoint, random_clip  # noqa: E402
-from utils.checkpoint import atomic_save  # noqa: E402
 
-TINY = dict(embed_dim=32, image_resolution=32, vision_layers=2, vision_width=64, vision_patch_size=8,
-            context_length=77, vocab_size=49408, transformer_width=64, transformer_heads=1, transformer_layers=2,
-            vision_heads=1)
+TINY = TINY_CLIP
 CPU = torch.device("cpu")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One intra-op thread: on a busy 2-core machine, two threads spin against each other and run 20x slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 @pytest.fixture(scope="module")
@@ -48,17 +38,7 @@ def demo(tmp_path_factory):
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory):
     """A tiny random T2L checkpoint of ours; T2L tensors perturbed so that adapters and tokens matter."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        model = build_t2l(random_clip(TINY, seed=0), num_frames=8, drop_path_rate=0.0)
-    gen = torch.Generator().manual_seed(7)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if not name.startswith("clip."):
-                p.add_(0.05 * torch.randn(p.shape, generator=gen))
-    path = tmp_path_factory.mktemp("ckpt") / "tiny.pt"
-    atomic_save(make_checkpoint(model, backbone={"name_or_path": "random", "seed": 0, "config": dict(TINY)}), path)
-    return path
+    return save_tiny_t2l(tmp_path_factory.mktemp("ckpt") / "tiny.pt")
 
 
 @pytest.fixture(scope="module")

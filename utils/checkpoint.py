@@ -26,28 +26,44 @@ class UnsafeCheckpointError(RuntimeError):
     """The file needs full unpickling (it could run code); refused unless trusted explicitly."""
 
 
-def atomic_write(path: str | Path, write: Callable[[BinaryIO], None]) -> None:
+def atomic_write(path: str | Path, write: Callable[[BinaryIO], None], what: str = "") -> None:
     """``write(file)`` into a temporary file next to ``path``, fsync, rename over ``path``.
 
     Readers see the old file or the complete new one, never a partial one; on failure the temporary file is
-    removed and the error propagates.
+    removed. An ``OSError`` (a full disk, a read-only folder) is raised again with the file's name (``what`` says
+    what it is: "checkpoint", "results file" ...) and the assurance that the previous file is unchanged; other
+    errors propagate as they are.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    tmp = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
+    except BaseException as e:
+        if tmp is not None:
+            try:
+                os.unlink(tmp)
+            except FileNotFoundError:
+                pass
+        if isinstance(e, OSError):
+            reason = f"[Errno {e.errno}] {e.strerror}" if e.errno and e.strerror else str(e)
+            error = OSError(f"could not write {what + ' ' if what else ''}{path}: {reason}; the previous file (if "
+                            f"any) is unchanged")
+            error.errno = e.errno  # kept, so that callers can still tell a full disk (ENOSPC) from other errors
+            raise error from e
         raise
     _fsync_dir(path.parent)
+
+
+def atomic_write_text(path: str | Path, text: str, what: str = "") -> None:
+    """:func:`atomic_write` of a UTF-8 text."""
+    data = text.encode("utf-8")
+    atomic_write(path, lambda f: f.write(data), what)
 
 
 def to_cpu(obj: Any) -> Any:
@@ -70,8 +86,10 @@ def atomic_save(obj: Any, path: str | Path) -> None:
     """
     obj = to_cpu(obj)
     try:
-        atomic_write(path, lambda f: torch.save(obj, f))
-    except Exception as e:
+        atomic_write(path, lambda f: torch.save(obj, f), what="checkpoint")
+    except OSError:
+        raise  # already names the file
+    except Exception as e:  # torch's own writer errors (e.g. a RuntimeError from its zip writer on a full disk)
         raise OSError(f"could not write checkpoint {path}: {e}; the previous file (if any) is unchanged") from e
 
 

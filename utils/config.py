@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import logging
+import math
 import re
 import types
 import typing
@@ -80,6 +81,7 @@ class DataSection:
     train_sampling: str = "segments"      # segments: a random frame per segment | test: the test-time frames
     paths: PathsSection = field(default_factory=PathsSection)  # for train_list
     check_labels: bool = True             # refuse lists whose labels point at classes their videos are not named after
+    allow_outside_root: bool = False      # list paths may lead outside their root (.., links): data and eval sets
 
 
 @dataclass
@@ -297,14 +299,21 @@ def _coerce(value: Any, tp, where: str) -> Any:
             raise ConfigError(f"{where}: expected an integer, got {value!r} ({type(value).__name__})")
         return value
     if tp is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            if isinstance(value, str):  # YAML reads 1e-4 (no dot) as a string
-                try:
-                    return float(value)
-                except ValueError:
-                    pass
+        number = value
+        if isinstance(value, str):  # YAML reads 1e-4 (no dot) as a string
+            try:
+                number = float(value)
+            except ValueError:
+                pass
+        if isinstance(number, bool) or not isinstance(number, (int, float)):
             raise ConfigError(f"{where}: expected a number, got {value!r} ({type(value).__name__})")
-        return float(value)
+        try:
+            finite = math.isfinite(number)  # YAML reads .inf and .nan as numbers
+        except OverflowError:  # an integer too large for a float
+            finite = False
+        if not finite:
+            raise ConfigError(f"{where}: expected a finite number, got {value!r}")
+        return float(number)
     if tp is str:
         if not isinstance(value, str):
             raise ConfigError(f"{where}: expected a string, got {value!r} ({type(value).__name__})")
@@ -353,9 +362,13 @@ def _build(cls, data: Any, path: tuple, source: str):
 def load_config(path: Optional[str | Path], opts: Optional[list[str]] = None) -> Config:
     """Read, merge, override and validate a config. ``path`` None gives the defaults (plus ``opts``)."""
     source = str(path) if path else "(defaults)"
-    data = _read_yaml(Path(path)) if path else {}
-    data = apply_opts(data, opts or [])
-    cfg = _build(Config, data, (), source if not opts else f"{source} with --opts")
+    try:
+        data = _read_yaml(Path(path)) if path else {}
+        data = apply_opts(data, opts or [])
+        cfg = _build(Config, data, (), source if not opts else f"{source} with --opts")
+    except RecursionError:  # raised by the YAML reader itself, or by the merge, on a value nested ~1000 deep
+        raise ConfigError(f"{source}{' with --opts' if opts else ''}: a value is nested too deeply to be a config "
+                          f"(hundreds of levels of lists or mappings)") from None
     _validate(cfg, source)
     return cfg
 
@@ -364,10 +377,20 @@ def _validate(cfg: Config, source: str) -> None:
     positive = {"data.num_frames": cfg.data.num_frames, "data.input_size": cfg.data.input_size,
                 "data.batch_size": cfg.data.batch_size, "eval.batch_size": cfg.eval.batch_size,
                 "eval.num_clips": cfg.eval.num_clips, "solver.grad_accum": cfg.solver.grad_accum,
-                "solver.lr_update_every": cfg.solver.lr_update_every}
+                "solver.lr_update_every": cfg.solver.lr_update_every, "solver.epochs": cfg.solver.epochs}
     for key, value in positive.items():
         if value < 1:
             raise ConfigError(f"{source}: {key} must be at least 1, got {value}")
+    solver = cfg.solver
+    if not solver.lr > 0 or solver.min_lr < 0 or solver.eps <= 0 or solver.weight_decay < 0:
+        raise ConfigError(f"{source}: solver.lr and solver.eps must be positive, solver.min_lr and "
+                          f"solver.weight_decay at least 0; got lr {solver.lr}, eps {solver.eps}, min_lr "
+                          f"{solver.min_lr}, weight_decay {solver.weight_decay}")
+    if not 0 <= solver.warmup_epochs <= solver.epochs:
+        raise ConfigError(f"{source}: solver.warmup_epochs must lie in 0..solver.epochs ({solver.epochs}), got "
+                          f"{solver.warmup_epochs}")
+    if len(solver.betas) != 2 or not all(type(b) in (int, float) and 0 <= b < 1 for b in solver.betas):
+        raise ConfigError(f"{source}: solver.betas must be two numbers in [0, 1), got {solver.betas!r}")
     if not cfg.solver.temporal_token_lr_scale > 0:
         raise ConfigError(f"{source}: solver.temporal_token_lr_scale must be positive, got "
                           f"{cfg.solver.temporal_token_lr_scale}")
@@ -388,6 +411,10 @@ def _validate(cfg: Config, source: str) -> None:
                               f"(it is used in output file names)")
         if not s.lists:
             raise ConfigError(f"{source}: eval set {s.name!r} has no list files (eval.sets[].lists)")
+        for i, item in enumerate(s.lists):
+            if not isinstance(item, str) or not item:
+                raise ConfigError(f"{source}: eval.sets[{s.name}].lists[{i}] must be a list file's path, got "
+                                  f"{item!r} ({type(item).__name__}); lists is one flat list of paths, one per split")
         if s.published_batch_size is not None and s.published_batch_size < 1:
             raise ConfigError(f"{source}: eval set {s.name!r}: published_batch_size must be at least 1, got "
                               f"{s.published_batch_size}")
@@ -395,6 +422,10 @@ def _validate(cfg: Config, source: str) -> None:
             raise ConfigError(f"{source}: eval set {s.name!r}: group must be base or novel, got {s.group!r}")
     if len(set(names)) != len(names):
         raise ConfigError(f"{source}: eval set names must be unique, got {names}")
+    for i, item in enumerate(cfg.test.weights):
+        if not isinstance(item, str) or not item:
+            raise ConfigError(f"{source}: test.weights[{i}] must be a checkpoint's path, got {item!r} "
+                              f"({type(item).__name__})")
 
 
 def check_paths(cfg: Config, train: bool) -> None:
@@ -423,15 +454,16 @@ def check_paths(cfg: Config, train: bool) -> None:
         if s.root:
             need(f"eval.sets[{s.name}].root", s.root, folder=True)
     for i, w in enumerate(cfg.test.weights if not train else []):
-        need(f"test.weights[{i}]", w)
+        need(f"test.weights[{i}]", w, folder=Path(w).is_dir())  # a checkpoint file or a model folder
     if missing:
         raise ConfigError("missing inputs, nothing was started:\n  " + "\n  ".join(missing))
 
 
 def save_config(cfg: Config, path: str | Path) -> None:
-    """Write the resolved config as YAML (the exact settings of a run, for the output folder)."""
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False), encoding="utf-8")
+    """Write the resolved config as YAML (the exact settings of a run, for the output folder), atomically."""
+    from utils.checkpoint import atomic_write_text
+
+    atomic_write_text(path, yaml.safe_dump(cfg.to_dict(), sort_keys=False), what="config file")
 
 
 def _main(argv=None) -> int:

@@ -7,11 +7,11 @@ progress bar instead of breaking it.
 from __future__ import annotations
 
 import csv
+import io
 import logging
 import math
 import os
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -199,24 +199,15 @@ class MetricsCSV:
         self._write()
 
     def _write(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".tmp", dir=self.path.parent)
-        try:
-            with os.fdopen(fd, "w", newline="", encoding="utf-8") as f:
-                if self._rows:
-                    writer = csv.writer(f)
-                    writer.writerow(self._columns)
-                    for row in self._rows:
-                        writer.writerow([_format_cell(row.get(c)) for c in self._columns])
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, self.path)
-        except BaseException as e:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            if isinstance(e, Exception):
-                raise OSError(f"could not write metrics file {self.path}: {e}; the previous file is unchanged") from e
-            raise
+        from utils.checkpoint import atomic_write_text
+
+        buf = io.StringIO(newline="")
+        if self._rows:
+            writer = csv.writer(buf)
+            writer.writerow(self._columns)
+            for row in self._rows:
+                writer.writerow([_format_cell(row.get(c)) for c in self._columns])
+        atomic_write_text(self.path, buf.getvalue(), what="metrics file")
 
 
 def plot_curves(csv_path: str | os.PathLike, png_path: str | os.PathLike) -> None:
@@ -259,9 +250,9 @@ def plot_curves(csv_path: str | os.PathLike, png_path: str | os.PathLike) -> Non
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=8)
     fig.tight_layout()
-    png_path = Path(png_path)
-    png_path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(png_path, format="png")
+    from utils.checkpoint import atomic_write
+
+    atomic_write(png_path, lambda f: fig.savefig(f, format="png"), what="training curves")
 
 
 class WandbLogger:

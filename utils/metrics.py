@@ -12,14 +12,16 @@ is what ``argmax`` returns for the top-1 prediction (the first maximum), and it 
 from __future__ import annotations
 
 import csv
+import io
 import logging
 import math
 import os
-import tempfile
 from pathlib import Path
 from typing import Sequence
 
 import torch
+
+from utils.checkpoint import atomic_write, atomic_write_text
 
 logger = logging.getLogger(__name__)
 
@@ -132,27 +134,20 @@ def per_class_accuracy(scores: torch.Tensor, labels: torch.Tensor, class_names: 
 def write_per_class_csv(rows: Sequence[dict], path: str | os.PathLike) -> None:
     """Write ``per_class_accuracy`` rows as CSV with header ``id,name,num_videos,top1``.
 
-    ``top1`` is written with 4 decimals; a class without videos gets an empty cell. The file is written to a
-    temporary name and renamed, so a reader never sees half a table.
+    ``top1`` is written with 4 decimals; a class without videos gets an empty cell. The file is written atomically
+    (``utils.checkpoint.atomic_write``), so a reader never sees half a table, and an I/O error names the file.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", newline="", encoding="utf-8") as f:
-            writer = csv.writer(f)
-            writer.writerow(["id", "name", "num_videos", "top1"])
-            for i, row in enumerate(rows):
-                missing = {"id", "name", "num_videos", "top1"} - set(row)
-                if missing:
-                    raise ValueError(f"per-class row {i} lacks {sorted(missing)} (writing {path})")
-                top1 = "" if row["top1"] is None else f"{row['top1']:.4f}"
-                writer.writerow([row["id"], row["name"], row["num_videos"], top1])
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    buf = io.StringIO(newline="")
+    writer = csv.writer(buf)
+    writer.writerow(["id", "name", "num_videos", "top1"])
+    for i, row in enumerate(rows):
+        missing = {"id", "name", "num_videos", "top1"} - set(row)
+        if missing:
+            raise ValueError(f"per-class row {i} lacks {sorted(missing)} (writing {path})")
+        top1 = "" if row["top1"] is None else f"{row['top1']:.4f}"
+        writer.writerow([row["id"], row["name"], row["num_videos"], top1])
+    atomic_write_text(path, buf.getvalue(), what="per-class table")
 
 
 def confusion_matrix(scores: torch.Tensor, labels: torch.Tensor, num_classes: int) -> torch.Tensor:
@@ -207,7 +202,5 @@ def save_confusion_png(matrix: torch.Tensor, class_names: Sequence[str], path: s
         ax.set_xticks(range(0, k, step))
         ax.set_yticks(range(0, k, step))
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, format="png")
+    atomic_write(path, lambda f: fig.savefig(f, format="png"), what="confusion matrix")
     logger.debug("wrote confusion matrix (%d classes) to %s", k, path)

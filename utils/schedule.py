@@ -100,6 +100,15 @@ class WarmupCosine:
         self.last_step += 1
         self._apply()
 
+    def set_step(self, step: int) -> None:
+        """Continue this schedule (its own settings and base lrs) from ``step``: a resume with a changed schedule."""
+        self.last_step = int(step)
+        self._apply()
+
+    def settings(self) -> dict:
+        """What defines the schedule, in :meth:`state_dict`'s keys, without the position."""
+        return {k: v for k, v in self.state_dict().items() if k != "last_step"}
+
     def state_dict(self) -> dict:
         """Plain ints, floats and a list of floats: loadable with ``torch.load(weights_only=True)``."""
         return dict(last_step=self.last_step, total_steps=self.total_steps, warmup_steps=self.warmup_steps,
