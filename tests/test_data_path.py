@@ -30,8 +30,10 @@ import predict  # noqa: E402
 from datasets import ListFileError, SampleLoadError, VideoDataset, load_video_clip, read_list_file  # noqa: E402
 from datasets import readers  # noqa: E402
 from datasets.lists import MANIFEST_HEADER, PathRules  # noqa: E402
-from test_predict import ckpt, one_thread  # noqa: E402,F401  (fixtures: a tiny random T2L checkpoint, 1 thread)
+from test_predict import ckpt  # noqa: E402,F401  (fixture: a tiny random T2L checkpoint)
 from utils.config import check_paths, load_config  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 # ----------------------------------------------------------------------------- test data
@@ -149,6 +151,16 @@ def test_a_rotated_video_predicts_the_same_from_its_file_and_its_frames(tmp_path
     assert gap < 0.02, (from_file, from_frames)
     # the measure tells the orientations apart (0.030 measured for the sideways frames, against 0.002)
     assert np.abs(from_file - from_sideways).max() > 5 * gap
+
+
+def test_timeline_windows_of_a_rotated_video_are_turned_like_the_readers_frames(tmp_path, decord_backend):
+    """predict.py --window streams a video through datasets/windows.py with PyAV: the same orientation as decord."""
+    from datasets import build_transform
+    from datasets.windows import Window, WindowStream
+    video = write_video(tmp_path / "phone.mp4", n=8, rotation=90)
+    tf = build_transform("test", 32)
+    (_, views), = list(WindowStream(str(video), [Window(0, 0, 8)], num_frames=4, transform=tf))
+    assert torch.equal(views, load_video_clip(str(video), num_frames=4, input_size=32))
 
 
 # ----------------------------------------------------------------------------- frames folders with gaps
