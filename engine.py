@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import time
 from pathlib import Path
 from typing import Optional
 
@@ -79,6 +80,41 @@ def load_eval_model(cfg: Config, weights: Optional[str]) -> nn.Module:
         raise ValueError(f"{weights} was trained with {model.num_frames} frames but data.num_frames is "
                          f"{cfg.data.num_frames}; set --opts data.num_frames={model.num_frames}")
     return model.eval()
+
+
+COMPILE_MODES = ("off", "default", "reduce-overhead", "max-autotune")
+
+
+def compile_model(model: nn.Module, mode: str = "default", backend: str = "inductor") -> nn.Module:
+    """``torch.compile`` the model's two encoders in place (``network.compile``; ``--compile`` of the scripts).
+
+    ``encode_video`` and ``encode_text`` are what every script calls (and what ``forward`` calls in training), so the
+    model object, its parameters and its checkpoints stay as they are. "reduce-overhead" adds CUDA graphs, which pay
+    off where the shapes are fixed (evaluation batches). The first call of each encoder, where the compilation
+    happens, is logged with its time; a new input shape (the last, smaller batch) compiles once more.
+    """
+    if mode not in COMPILE_MODES or mode == "off":
+        raise ValueError(f"compile mode must be one of {COMPILE_MODES[1:]}, got {mode!r}")
+    for name in ("encode_video", "encode_text"):
+        compiled = torch.compile(getattr(model, name), mode=None if mode == "default" else mode, backend=backend)
+        setattr(model, name, _log_first_call(compiled, name, mode))
+    return model
+
+
+def _log_first_call(fn, name: str, mode: str):
+    state = {"first": True}
+
+    def call(*args, **kwargs):
+        if not state["first"]:
+            return fn(*args, **kwargs)
+        state["first"] = False
+        start = time.perf_counter()
+        out = fn(*args, **kwargs)
+        logger.info("torch.compile (%s): %s compiled and ran its first batch in %.1f s", mode, name,
+                    time.perf_counter() - start)
+        return out
+
+    return call
 
 
 def autocast(device: torch.device, precision: str):

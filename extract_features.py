@@ -440,6 +440,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--per-frame", action="store_true", help="also save per-frame embeddings (frames_*.npy)")
     p.add_argument("--image-tmpl", default="img_{:05d}.jpg", help="frame file names (default img_{:05d}.jpg)")
     p.add_argument("--index-start", type=int, default=1, help="number of the first frame file (default 1)")
+    p.add_argument("--compile", nargs="?", const="default", default="off", metavar="MODE",
+                   choices=("off", "default", "reduce-overhead", "max-autotune"),
+                   help="torch.compile the encoders: default, reduce-overhead (CUDA graphs) or max-autotune; the "
+                        "compile time is logged")
     p.add_argument("--rules", default="published", choices=("published", "centre"),
                    help="test-time rules, as test.py's eval.rules: published (the published test code's frames, "
                         "Pillow bicubic resize, logit scale 100; default) or centre (segment centres, torch bilinear "
@@ -501,7 +505,7 @@ def _run(args, out: Path, lock: FolderLock) -> int:
         encoder = load_model(args.model, device=args.device, precision=args.precision, num_frames=args.frames,
                              input_size=args.input_size, num_clips=args.clips, num_crops=args.crops,
                              image_tmpl=args.image_tmpl, index_start=args.index_start, trust=args.trust_checkpoint,
-                             test_rules=args.rules)
+                             test_rules=args.rules, compile=args.compile)
         summary = export_texts(args, encoder, out) if args.texts else export_videos(args, encoder, out)
     except KeyboardInterrupt:
         logger.error("interrupted: the shards written so far are kept; run the same command again to resume")

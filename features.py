@@ -294,7 +294,7 @@ def _file_sha256(path: Path) -> Optional[str]:
 def load_model(name_or_path: PathLike, device: Union[str, torch.device] = "auto", precision: str = "auto",
                num_frames: Optional[int] = None, input_size: Optional[int] = None, num_clips: int = 1,
                num_crops: int = 1, image_tmpl: str = "img_{:05d}.jpg", index_start: int = 1,
-               trust: bool = False, test_rules: str = "published") -> VideoTextEncoder:
+               trust: bool = False, test_rules: str = "published", compile: str = "off") -> VideoTextEncoder:
     """Load a model for feature extraction.
 
     Args:
@@ -308,6 +308,8 @@ def load_model(name_or_path: PathLike, device: Union[str, torch.device] = "auto"
         num_clips, num_crops: test views per video (crops 1 = centre, 3 = three crops); views are averaged.
         image_tmpl, index_start: frame-file naming of frame folders (``img_00001.jpg`` ...).
         trust: allow checkpoints that need full unpickling (they can run code): only files you trust.
+        compile: "off", or a ``torch.compile`` mode for the encoders ("default", "reduce-overhead",
+            "max-autotune"; ``engine.compile_model``), the compile time logged at the first batch.
         test_rules: "published" (the published test code's frames, Pillow bicubic resize, logit scale 100) or
             "centre" (segment centres, torch bilinear resize, exp(logit_scale)): test.py's ``eval.rules``.
 
@@ -345,6 +347,8 @@ def load_model(name_or_path: PathLike, device: Union[str, torch.device] = "auto"
     encoder = VideoTextEncoder(model, kind, identity, device=device, precision=precision, num_frames=frames,
                                input_size=input_size, num_clips=num_clips, num_crops=num_crops,
                                image_tmpl=image_tmpl, index_start=index_start, test_rules=test_rules)
+    if compile != "off":
+        engine.compile_model(encoder.model, compile)
     logger.info("model %s: %s, %d frames x %d view(s) at %dpx, %s on %s", source,
                 "T2L" if kind == "t2l" else "frame-averaged CLIP", encoder.num_frames, encoder.num_views,
                 encoder.input_size, str(encoder.dtype).replace("torch.", ""), encoder.device)

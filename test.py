@@ -47,6 +47,9 @@ def parse_args(argv=None):
     p.add_argument("--baseline", action="store_true", help="evaluate the frozen CLIP (frame average), no T2L")
     p.add_argument("--trust-checkpoint", action="store_true",
                    help="allow checkpoints that need full unpickling (can run code): only for files you trust")
+    p.add_argument("--compile", nargs="?", const="default", default=None, metavar="MODE",
+                   help="torch.compile the encoders (network.compile): default, reduce-overhead (CUDA graphs) or "
+                        "max-autotune; the compile time is logged")
     p.add_argument("--opts", nargs="*", default=[], help="overrides by dotted key, e.g. eval.num_clips=4")
     return p.parse_args(argv)
 
@@ -60,6 +63,8 @@ def main(argv=None) -> dict:
         opts.append("test.baseline=true")
     if args.trust_checkpoint:
         opts.append("network.trust_checkpoint=true")
+    if args.compile:
+        opts.append(f"network.compile={args.compile}")
     cfg = load_config(args.config, opts)
     if not cfg.eval.sets:
         raise ValueError(f"{args.config}: no evaluation sets (eval.sets) to test on")
@@ -90,6 +95,8 @@ def run(cfg, dist_info, out: Path) -> dict:
         if engine.uses_fp16_weights(device, cfg.solver.precision):
             convert_to_fp16_like_published(model)  # fp16-pure: the published test runs its fp16 weights on a GPU
         model = model.to(device)
+        if cfg.network.compile != "off":
+            engine.compile_model(model, cfg.network.compile)
         sets = {}
         for s in cfg.eval.sets:
             res = engine.evaluate_set(model, cfg, s, device, dist_info, keep_scores=dist_info.is_main)

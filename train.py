@@ -52,6 +52,8 @@ def parse_args(argv=None):
     p.add_argument("--opts", nargs="*", default=[], help="overrides by dotted key, e.g. data.batch_size=8")
     p.add_argument("--resume", default=None, help="checkpoint to resume from (default: output_dir/last.pt if any)")
     p.add_argument("--no-resume", action="store_true", help="start afresh even if output_dir/last.pt exists")
+    p.add_argument("--compile", nargs="?", const="default", default=None, metavar="MODE",
+                   help="torch.compile the encoders (network.compile): default, reduce-overhead or max-autotune")
     return p.parse_args(argv)
 
 
@@ -223,7 +225,7 @@ def zero_grad(model, optimizer) -> None:
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    cfg = load_config(args.config, args.opts)
+    cfg = load_config(args.config, list(args.opts) + ([f"network.compile={args.compile}"] if args.compile else []))
     check_paths(cfg, train=True)
     dist_info = distributed.setup(cfg.device)
     out = Path(cfg.output_dir)
@@ -285,6 +287,8 @@ def train(cfg, args, dist_info, out: Path) -> dict:
     elif cfg.solver.precision == "fp16-pure":
         logger.info("solver.precision fp16-pure trains in fp32 on %s, as the published code does off a GPU", device)
     model.to(device)
+    if cfg.network.compile != "off":
+        engine.compile_model(model, cfg.network.compile)
     # fp16-pure: the optimiser steps fp32 copies of the fp16 parameters (utils.precision), as published.
     master = Fp16MasterStep(model.trainable_parameters()) if fp16_weights else None
     groups = param_groups(model, cfg)

@@ -216,3 +216,39 @@ def test_resume_with_another_token_lr_scale_is_refused(run_two_epochs, demo, tmp
     shutil.copy(reference / "last.pt", tmp_path / "last.pt")
     with pytest.raises(ValueError, match=r"last.pt holds an optimiser with 3 parameter groups, this config makes 2"):
         train_script.main(train_args(demo, tmp_path, "solver.temporal_token_lr_scale=1"))
+
+
+def test_compile_flag_compiles_both_encoders_and_changes_no_score(run_two_epochs, demo, tmp_path, monkeypatch,
+                                                                    caplog):
+    """--compile goes through torch.compile for the video and the text encoder of test.py and train.py. The eager
+    backend stands in for inductor here (CPU code generation takes a minute); it still runs TorchDynamo's tracing
+    of the whole T2L forward and backward."""
+    import logging
+
+    import numpy as np
+
+    out, _ = run_two_epochs
+    calls = []
+    real = torch.compile
+
+    def eager_compile(fn, mode=None, backend="inductor", **kw):
+        calls.append((getattr(fn, "__name__", "?"), mode))
+        return real(fn, mode=mode, backend="eager", **kw)
+
+    monkeypatch.setattr(torch, "compile", eager_compile)
+    plain = test_script.main(["--config", "configs/demo/demo_test.yaml", "--weights", str(out / "last.pt"),
+                              "--opts", *TINY_OPTS, *data_opts(demo, tmp_path / "plain")])
+    with caplog.at_level(logging.INFO):
+        compiled = test_script.main(["--config", "configs/demo/demo_test.yaml", "--weights", str(out / "last.pt"),
+                                     "--compile", "--opts", *TINY_OPTS, *data_opts(demo, tmp_path / "compiled")])
+    assert calls == [("encode_video", None), ("encode_text", None)]
+    assert compiled["results"]["demo_val"]["top1"] == plain["results"]["demo_val"]["top1"]
+    a = np.load(tmp_path / "plain" / "scores_demo_val_val.npz")["scores"]
+    b = np.load(tmp_path / "compiled" / "scores_demo_val_val.npz")["scores"]
+    assert np.allclose(a, b, atol=1e-6)
+    assert "encode_video compiled and ran its first batch in" in caplog.text
+    calls.clear()
+    summary = train_script.main(train_args(demo, tmp_path / "train", "solver.epochs=1", "eval.every=0") +
+                                ["--compile", "reduce-overhead", "--no-resume"])
+    assert calls == [("encode_video", "reduce-overhead"), ("encode_text", "reduce-overhead")]
+    assert summary["steps"] == 16 // 4

@@ -59,6 +59,7 @@ class NetworkSection:
     clip_cache: Optional[str] = None      # download folder for CLIP weights (default ~/.cache/clip)
     t2l: T2LSection = field(default_factory=T2LSection)
     init_from: Optional[str] = None       # train.py: start from this T2L checkpoint's tensors (ours or published)
+    compile: str = "off"                  # torch.compile the encoders: off | default | reduce-overhead | max-autotune
     trust_checkpoint: bool = False        # allow full unpickling of checkpoints (can run code): only your own files
 
 
@@ -190,6 +191,7 @@ _CHOICES = {
     ("solver", "precision"): ("auto", "fp32", "bf16", "fp16", "fp16-pure"),
     ("network", "t2l", "temporal_tokens"): ("deep", "shallow", "none"),
     ("network", "t2l", "drop_path_mode"): ("positions", "samples"),
+    ("network", "compile"): ("off", "default", "reduce-overhead", "max-autotune"),
     ("logging", "wandb_mode"): ("online", "offline", "disabled"),
 }
 
