@@ -37,7 +37,7 @@ EXAMPLES = """examples:
   python predict.py clip.mp4 --model ViT-B/16 --classes "playing guitar,juggling,riding a bike" --top-k 2
   python predict.py frames/v_Biking_g01_c01 --model k400_t2l.pt --classes lists/ucf101_classes.csv --templates --json
   # a timeline of a long video: 2-second windows every second, segments where the top class holds for 3 s
-  python predict.py match.mp4 --model k400_t2l.pt --classes lists/k400_descriptions.csv --window 2s --stride 1s \\
+  python predict.py match.mp4 --model k400_t2l.pt --classes lists/kinetics_400_descriptions.csv --window 2s --stride 1s \\
       --min-segment 3 --out match_timeline
 """
 

@@ -38,7 +38,7 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog="examples:\n  python test.py --config configs/ucf101/UCF_zero_shot_testing.yaml "
                                        "--weights output/k400/best_ucf101.pt\n"
-                                       "  python test.py --config configs/base_to_novel/hmdb_base_to_novel.yaml "
+                                       "  python test.py --config configs/base_to_novel/hmdb51_base_to_novel.yaml "
                                        "--weights s1/last.pt s2/last.pt s3/last.pt\n"
                                        "  python test.py --config configs/ucf101/UCF_zero_shot_testing.yaml --baseline")
     p.add_argument("--config", required=True)

@@ -1,8 +1,11 @@
 """Small helpers shared by the scripts in Dataset_creation_scripts/.
 
 The scripts are run as ``python Dataset_creation_scripts/<script>.py``; Python then puts this
-folder first on ``sys.path``, so ``import _common`` works without any package set-up. Library code
-(clip/, modules/, datasets/, utils/) must never import from this folder.
+folder first on ``sys.path``, so ``import _common`` works without any package set-up. Importing
+this module also puts the repository root right after it, so that the tools read videos, frame
+folders and list files with the library's own readers (``datasets/``): what a tool writes, the
+library reads, and a broken video gets the same reason everywhere. Library code (clip/, modules/,
+datasets/, utils/) must never import from this folder.
 
 What lives here: class-list reading and class-name matching, the manifest written by
 extract_frames.py, list files (``<frames folder> <num_frames> <label id>``), atomic text writes and
@@ -13,17 +16,27 @@ from __future__ import annotations
 
 import csv
 import difflib
+import hashlib
 import logging
 import os
 import re
+import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
+REPO_ROOT = Path(__file__).resolve().parents[1]
+if str(REPO_ROOT) not in sys.path:
+    sys.path.insert(1, str(REPO_ROOT))  # before site-packages: our datasets/, not a package of that name
+
+# The manifest's format is the library's (datasets/lists.py), so that its readers and these tools agree on it.
+from datasets.lists import (MANIFEST_HEADER, MANIFEST_NAME, PARTIAL_FLAG, format_manifest_line,  # noqa: E402,F401
+                            parse_manifest_line)
+from datasets.lists import read_manifest as read_manifest_entries  # noqa: E402
+
 logger = logging.getLogger(__name__)
 
-MANIFEST_NAME = "manifest.txt"
 FAILURES_NAME = "failures.txt"
 
 
@@ -241,43 +254,9 @@ class ClassMatcher:
 # --------------------------------------------------------------------------------------------
 # Manifest and list files
 # --------------------------------------------------------------------------------------------
-def parse_folder_count(line: str) -> Tuple[str, int]:
-    """Split a manifest line ``<folder> <num_frames>``; the folder may contain spaces."""
-    folder, _, count = line.rstrip("\n").rpartition(" ")
-    if not folder or not count.isdigit():
-        raise ValueError(f"expected '<folder> <num_frames>', got {line.rstrip(chr(10))!r}")
-    return folder, int(count)
-
-
 def read_manifest(path, strict: bool = True) -> Dict[str, int]:
-    """Read ``manifest.txt`` written by extract_frames.py into ``{folder: num_frames}``.
-
-    A last line without a newline is what a killed writer leaves behind; it is ignored. With
-    ``strict`` a malformed complete line raises :class:`InputFormatError`, otherwise it is skipped.
-    A folder listed twice keeps its last count.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"manifest not found: {path} (run extract_frames.py first)")
-    out: Dict[str, int] = {}
-    with open(path, encoding="utf-8", newline="") as f:
-        data = f.read()
-    lines = data.split("\n")
-    complete = lines[:-1]  # the part after the last "\n" is either "" or an unfinished line
-    if lines[-1]:
-        logger.warning("%s: ignoring an unfinished last line %r", path, lines[-1][:80])
-    for lineno, line in enumerate(complete, start=1):
-        if not line.strip():
-            continue
-        try:
-            folder, n = parse_folder_count(line)
-        except ValueError as exc:
-            if strict:
-                raise InputFormatError(path, lineno, str(exc)) from None
-            logger.warning("%s:%d: skipping malformed line %r", path, lineno, line[:80])
-            continue
-        out[folder] = n
-    return out
+    """``{folder: num_frames}`` of a manifest written by extract_frames.py (``datasets.lists.read_manifest``)."""
+    return {folder: n for folder, (n, _) in read_manifest_entries(path, strict).items()}
 
 
 def format_list_line(folder: str, num_frames: int, label: int) -> str:
@@ -298,6 +277,12 @@ def warn_comment_like(lines: Sequence[str], path) -> None:
             "extract such datasets into class folders", path, len(bad), bad[0][:60])
 
 
+def rank_key(seed: int, name: str) -> str:
+    """The sampling order of ``name`` under ``seed``: SHA-256 of ``"<seed>:<name>"``, the same on every machine
+    and Python version (sorting by it is a seeded shuffle)."""
+    return hashlib.sha256(f"{seed}:{name}".encode("utf-8")).hexdigest()
+
+
 def default_workers() -> int:
     """CPUs this process may use (the affinity mask, which containers restrict), at least 1."""
     try:
@@ -307,29 +292,18 @@ def default_workers() -> int:
 
 
 def read_list_file(path) -> List[Tuple[str, int, int]]:
-    """Read a list file ``<folder> <num_frames> <label>`` (the folder may contain spaces)."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"list file not found: {path}")
-    out = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            line = line.rstrip("\n")
-            if not line.strip():
-                continue
-            parts = line.rsplit(" ", 2)
-            if len(parts) != 3 or not parts[0] or not parts[1].isdigit() or not _is_int(parts[2]):
-                raise InputFormatError(path, lineno, f"expected '<folder> <num_frames> <label id>', got {line!r}")
-            out.append((parts[0], int(parts[1]), int(parts[2])))
-    return out
+    """Read a labelled list file ``<folder> <num_frames> <label>`` with the library's reader.
 
+    ``datasets.read_list_file`` is the one parser of the format (paths with spaces, a manifest given
+    by mistake); the tools need a label on every line.
+    """
+    from datasets.lists import read_list_file as read_records
 
-def _is_int(s: str) -> bool:
-    try:
-        int(s)
-        return True
-    except ValueError:
-        return False
+    records = read_records(str(path))
+    for r in records:
+        if r.label is None:
+            raise InputFormatError(path, r.line, "no label (or label -1); these tools need '<folder> <num_frames> <label id>'")
+    return [(r.path, r.num_frames, r.label) for r in records]
 
 
 @dataclass

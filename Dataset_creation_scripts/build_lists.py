@@ -1,7 +1,13 @@
 #!/usr/bin/env python
-"""Build list files ``<frames folder> <num_frames> <label id>`` from the official split files.
+"""Build list files ``<frames folder> <num_frames> <label id>`` from the official split files, or from class folders.
 
-Each subcommand reads one dataset's official split format, maps its class names onto a class list
+``folders SRC``: your own dataset, ``SRC/<class>/<video file or frames folder>``. Writes into
+``--out-dir`` the class list (the folder names, sorted: ``classes.csv``), stratified seeded
+``train.txt``/``val.txt`` (and ``test.txt`` with ``--test``), ``failures.txt`` (what could not be
+read, and why) and ``config.yaml`` (plus ``test.yaml`` for the test split), which extends the base
+recipe and is ready for train.py. Every video is checked first by reading its first and last frame.
+
+The other subcommands each read one dataset's official split format, maps its class names onto a class list
 ``id,name`` (normally ``lists/<dataset>_classes.csv``) and joins the videos with the manifest written
 by extract_frames.py. Videos without extracted frames are reported (count and a sample) and left
 out; ``--strict`` makes that an error. Folders in the output are relative to the manifest's folder
@@ -18,8 +24,12 @@ import argparse
 import csv
 import json
 import logging
+import os
 import re
+import shlex
 import sys
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
@@ -357,6 +367,253 @@ def build_ssv2(args) -> None:
 
 
 # --------------------------------------------------------------------------------------------
+# Your own dataset: SRC/<class>/<video file or frames folder>
+# --------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class FolderEntry:
+    """One video of a class-folder dataset: its path relative to SRC and its class folder."""
+
+    rel: str  # "<class>/<video file or frames folder>"
+    cls: str
+
+
+def find_class_folder_entries(src: Path, extensions: Sequence[str]) -> Tuple[List[str], List[FolderEntry], List[str]]:
+    """The class folders of ``src`` (sorted), their entries (video files and frames folders) and the ignored files.
+
+    Raises ValueError when there are no class folders, or when a class folder's name starts or ends with
+    whitespace (list files cannot hold that path, and class lists strip names).
+    """
+    if not src.is_dir():
+        raise NotADirectoryError(f"SRC is not a folder: {src}")
+    exts = {e.lower() for e in extensions}
+    classes = sorted(d.name for d in src.iterdir() if d.is_dir() and not d.name.startswith("."))
+    if not classes:
+        raise ValueError(f"{src} has no class folders; expected SRC/<class>/<video file or frames folder>")
+    bad = [c for c in classes if c != c.strip()]
+    if bad:
+        raise ValueError(f"class folder name(s) {bad!r} start or end with whitespace, which list files and class lists "
+                         "cannot hold; rename them")
+    entries: List[FolderEntry] = []
+    ignored: List[str] = []
+    for cls in classes:
+        for item in sorted(os.scandir(src / cls), key=lambda e: e.name):
+            if item.name.startswith("."):
+                continue
+            if item.is_dir() or os.path.splitext(item.name)[1].lower() in exts:
+                entries.append(FolderEntry(f"{cls}/{item.name}", cls))
+            else:
+                ignored.append(f"{cls}/{item.name}")
+    return classes, entries, ignored
+
+
+def probe_entry(path: str, image_tmpl: str, index_start: int) -> Tuple[int, str]:
+    """(frame count, "") for a readable video file or frames folder, else (0, reason).
+
+    Reads the first and the last frame with the library's readers, so that the reasons are the ones training
+    and testing give, and a file that opens but does not decode is caught here, not in the middle of an epoch.
+    """
+    from datasets.readers import SampleLoadError, open_source
+    from datasets.video_dataset import _frame_count
+
+    if path != path.rstrip() or "\n" in path:
+        return 0, "the name ends with whitespace, which a list file cannot hold; rename it"
+    try:
+        source = open_source(path, image_tmpl, index_start)
+        n = _frame_count(source, 0)
+        source.read([0, n - 1])
+        return n, ""
+    except SampleLoadError as exc:
+        return 0, exc.reason or str(exc)
+
+
+def _probe_job(args):
+    return probe_entry(*args)
+
+
+def split_counts(n: int, val: float, test: float) -> Tuple[int, int, int]:
+    """(train, val, test) sizes for a class of ``n`` videos: the fractions rounded, at least one video in each
+    asked-for split when the class has enough (3 for all three), and always at least one for training."""
+    n_test = round(n * test)
+    n_val = round(n * val)
+    if test > 0 and n_test == 0 and n >= 3:
+        n_test = 1
+    if val > 0 and n_val == 0 and n - n_test >= 2:
+        n_val = 1
+    while n_val + n_test >= n and n_val + n_test > 0:
+        if n_test >= n_val:
+            n_test -= 1
+        else:
+            n_val -= 1
+    return n - n_val - n_test, n_val, n_test
+
+
+def stratified_split(videos: Dict[str, List[str]], val: float, test: float, seed: int) -> Dict[str, List[str]]:
+    """``{class: [rel, ...]}`` -> ``{"train"|"val"|"test": [rel, ...]}``, per class, seeded.
+
+    Within a class the videos are ranked by :func:`_common.rank_key` (the same on every machine): the first go to
+    test, the next to validation, the rest to training. Adding videos later moves only the split boundaries.
+    """
+    out: Dict[str, List[str]] = {"train": [], "val": [], "test": []}
+    for cls in sorted(videos):
+        ranked = sorted(videos[cls], key=lambda rel: (_common.rank_key(seed, rel), rel))
+        n_train, n_val, n_test = split_counts(len(ranked), val, test)
+        out["test"] += ranked[:n_test]
+        out["val"] += ranked[n_test:n_test + n_val]
+        out["train"] += ranked[n_test + n_val:]
+    return {k: sorted(v) for k, v in out.items()}
+
+
+def _config_path(path: Path) -> str:
+    """A path as configs give it: relative to the repository root (the scripts run from there) when inside it."""
+    path = path.resolve()
+    try:
+        return path.relative_to(_common.REPO_ROOT).as_posix()
+    except ValueError:
+        return str(path)
+
+
+def _set_name(text: str) -> str:
+    """An eval set / output name from a folder name: letters, digits, '_', '-' and '.' only."""
+    name = re.sub(r"[^A-Za-z0-9_.-]+", "_", text).strip("._-")
+    return name or "custom"
+
+
+def write_folder_configs(out: Path, src: Path, name: str, extends: Path, counts: Dict[str, int],
+                         num_classes: int, seed: int, command: str, image_tmpl: str = "img_{:05d}.jpg",
+                         index_start: int = 1, descriptions: Optional[Path] = None) -> List[Path]:
+    """``config.yaml`` (train on train.txt, evaluate val.txt) and, with a test split, ``test.yaml``.
+
+    The class texts are the prompt templates on the class names, or ``descriptions`` (a CSV
+    ``SNo,Class Name,Description``) when given.
+    """
+    import yaml
+
+    from utils.config import load_config
+
+    parent = load_config(extends)
+    texts = {"descriptions": _config_path(descriptions) if descriptions else None}
+    data = {"train_list": _config_path(out / "train.txt"), "root": _config_path(src),
+            "classes": _config_path(out / "classes.csv"), **texts,
+            "text_mode": "descriptions" if descriptions else "templates"}
+    if (image_tmpl, index_start) != (parent.data.image_tmpl, parent.data.index_start):
+        data.update(image_tmpl=image_tmpl, index_start=index_start)
+    notes = []
+    if counts["train"] < parent.data.batch_size:
+        batch = 1 << max(0, (counts["train"] // 2).bit_length() - 1)  # a power of two, two steps per epoch at least
+        data["batch_size"] = batch
+        notes.append(f"data.batch_size lowered from {parent.data.batch_size} to {batch}: only {counts['train']} "
+                     "training videos")
+    val_set = {"name": f"{name}_val", "lists": [_config_path(out / "val.txt")], "root": data["root"],
+               "classes": data["classes"], **texts, "select_best": True}  # best_<name>_val.pt: chosen on validation
+    inside = _config_path(out) != str(out.resolve())  # the lists' folder is inside the repository
+    config = {"extends": os.path.relpath(extends.resolve(), out.resolve()) if inside else str(extends.resolve()),
+              "output_dir": f"output/{name}",
+              "data": data, "eval": {"sets": [val_set] if counts["val"] else []}}
+    if not counts["val"]:
+        config["eval"]["every"] = 0
+        notes.append("no validation split (--val 0): no evaluation during training")
+    header = [f"# Written by: {command}",
+              f"# Your own dataset: {num_classes} classes (the folder names of {data['root']}), "
+              f"{counts['train']} training / {counts['val']} validation / {counts['test']} test videos "
+              f"(stratified, seed {seed}). Class texts: "
+              + (f"the descriptions in {texts['descriptions']}." if descriptions else
+                 "the 16 prompt templates on the class names."),
+              f"# Everything else comes from {config['extends']}. Rerunning the command rewrites this file.",
+              *[f"# Note: {n}" for n in notes]]
+    written = [out / "config.yaml"]
+    _common.atomic_write_text(written[0], "\n".join(header) + "\n" + yaml.safe_dump(config, sort_keys=False))
+    if counts["test"]:
+        test_set = {"name": f"{name}_test", "lists": [_config_path(out / "test.txt")], "root": data["root"],
+                    "classes": data["classes"], **texts}
+        test_cfg = {"extends": "config.yaml", "output_dir": f"output/{name}_test", "eval": {"sets": [test_set]}}
+        written.append(out / "test.yaml")
+        _common.atomic_write_text(written[1], f"# Written by: {command}\n# The held-out test split of config.yaml; "
+                                  "evaluate with test.py --config <this file> --weights <checkpoint>.\n"
+                                  + yaml.safe_dump(test_cfg, sort_keys=False))
+    for path in written:
+        load_config(path)  # what we write must validate
+    return written
+
+
+def build_folders(args) -> None:
+    """Subcommand ``folders``: class list, stratified train/val(/test) lists and a config from SRC/<class>/<video>."""
+    from datasets.lists import read_list_file as read_records
+    from datasets.readers import VIDEO_EXTENSIONS
+
+    for flag in ("val", "test"):
+        if not 0 <= getattr(args, flag) < 1:
+            raise ValueError(f"--{flag} must be a fraction in [0, 1), got {getattr(args, flag)}")
+    if args.val + args.test >= 1:
+        raise ValueError(f"--val + --test must leave videos for training, got {args.val} + {args.test}")
+    src, out = Path(args.src), Path(args.out_dir)
+    extends = Path(args.extends)
+    if not extends.is_file():
+        raise FileNotFoundError(f"--extends config not found: {extends}")
+    descriptions = Path(args.descriptions) if args.descriptions else None
+    if descriptions is not None and not descriptions.is_file():
+        raise FileNotFoundError(f"--descriptions file not found: {descriptions}")
+    classes, entries, ignored = find_class_folder_entries(src, VIDEO_EXTENSIONS)
+    if ignored:
+        logger.warning("%d file(s) are neither videos (%s ...) nor frames folders and were ignored, e.g. %s",
+                       len(ignored), " ".join(VIDEO_EXTENSIONS[:5]), ignored[0])
+    if not entries:
+        raise ValueError(f"no videos or frames folders in the class folders of {src}")
+    jobs = [(str(src / e.rel), args.image_tmpl, args.index_start) for e in entries]
+    bar = dict(desc="checking videos", unit="video", disable=args.no_progress, dynamic_ncols=True)
+    if args.workers > 0 and len(jobs) > 1:
+        with ProcessPoolExecutor(max_workers=args.workers) as pool:
+            probed = list(tqdm(pool.map(_probe_job, jobs, chunksize=8), total=len(jobs), **bar))
+    else:
+        probed = [_probe_job(j) for j in tqdm(jobs, **bar)]
+    counts = {e.rel: n for e, (n, _) in zip(entries, probed) if n > 0}
+    failures = {e.rel: reason for e, (n, reason) in zip(entries, probed) if n <= 0}
+    out.mkdir(parents=True, exist_ok=True)
+    _common.atomic_write_text(out / _common.FAILURES_NAME, "".join(f"{rel}\t{' '.join(r.split())}\n"
+                                                                   for rel, r in sorted(failures.items())))
+    if failures:
+        logger.warning("%d of %d videos cannot be read and are left out (reasons in %s), e.g. %s: %s", len(failures),
+                       len(entries), out / _common.FAILURES_NAME, *next(iter(sorted(failures.items()))))
+    by_class: Dict[str, List[str]] = {c: [] for c in classes}
+    for e in entries:
+        if e.rel in counts:
+            by_class[e.cls].append(e.rel)
+    empty = [c for c in classes if not by_class[c]]
+    if empty:
+        logger.warning("%d class folder(s) have no readable video and no training example: %s", len(empty), empty[:10])
+    splits = stratified_split(by_class, args.val, args.test, args.seed)
+    label = {c: i for i, c in enumerate(classes)}
+    _common.write_classes_csv(out / "classes.csv", classes)
+    sizes = {}
+    for split in ("train", "val", "test"):
+        path = out / f"{split}.txt"
+        if split == "test" and not splits["test"]:
+            path.unlink(missing_ok=True)  # an earlier run's test split would no longer match
+            sizes[split] = 0
+            continue
+        lines = [format_list_line(rel, counts[rel], label[rel.split("/", 1)[0]]) for rel in splits[split]]
+        _write(path, lines)
+        sizes[split] = len(lines)
+        if lines:  # what we wrote must read back, with the paths pointing at what we probed
+            records = read_records(str(path), root=str(src), num_classes=len(classes))
+            if [r.path for r in records] != [str(src / rel) for rel in splits[split]]:
+                raise RuntimeError(f"{path} does not read back as written (a bug: please report it)")
+    few = [c for c in classes if by_class[c] and len(by_class[c]) < 3 and (args.val or args.test)]
+    if few:
+        logger.warning("%d class(es) have fewer than 3 videos, so not every split has one of them: %s", len(few), few[:10])
+    name = args.name or _set_name(src.resolve().name)
+    command = "python Dataset_creation_scripts/build_lists.py " + shlex.join(args.argv)
+    configs = write_folder_configs(out, src, name, extends, sizes, len(classes), args.seed, command,
+                                   args.image_tmpl, args.index_start, descriptions)
+    logger.info("%d classes, %d train / %d val / %d test videos; wrote %s", len(classes), sizes["train"], sizes["val"],
+                sizes["test"], ", ".join(str(p) for p in [out / "classes.csv", *configs]))
+    best = f"output/{name}/best_{name}_val.pt" if sizes["val"] else f"output/{name}/last.pt"
+    logger.info("next:\n  python train.py --config %s\n%s  python predict.py %s --model %s --classes %s%s", configs[0],
+                f"  python test.py --config {configs[1]} --weights {best}\n" if len(configs) > 1 else "",
+                src / (splits["test"] or splits["val"] or splits["train"])[0], best, out / "classes.csv",
+                f" --descriptions {descriptions}" if descriptions else "")
+
+
+# --------------------------------------------------------------------------------------------
 # Command line
 # --------------------------------------------------------------------------------------------
 EPILOG = """\
@@ -381,9 +638,25 @@ examples:
       --split-json data/ssv2/something-something-v2-validation.json \\
       --manifest data/ssv2_frames/manifest.txt --classes lists/ssv2_classes.csv --out data/lists/ssv2_val.txt
 
+  # your own dataset, SRC/<class>/<video>: class list, train/val/test lists and a config (see 'folders --help')
+  python Dataset_creation_scripts/build_lists.py folders data/my_videos --out-dir data/my_lists --test 0.1
+
 Output lines are '<frames folder> <num_frames> <label id>' with the folder exactly as in the manifest
 (relative to the manifest's folder) and the label an id of --classes. The folder may contain spaces
 (Kinetics class folders do): read lines by splitting off the last two fields.
+"""
+
+
+FOLDERS_EPILOG = """\
+example:
+  python Dataset_creation_scripts/build_lists.py folders data/my_videos --out-dir data/my_lists --val 0.2 --test 0.1
+  -> data/my_lists/{classes.csv, train.txt, val.txt, test.txt, failures.txt, config.yaml, test.yaml}
+  python train.py --config data/my_lists/config.yaml
+  python test.py --config data/my_lists/test.yaml --weights output/my_videos/best_my_videos_val.pt
+
+SRC/<class>/ holds video files (.mp4, .avi, .webm, .mkv, .mov, ...) or frames folders (img_00001.jpg, ...: what
+extract_frames.py writes, so 'folders data/my_frames' works on its output too). Class ids follow the sorted folder
+names. List lines are '<class>/<video> <num_frames> <label>', relative to SRC (the config's data.root).
 """
 
 
@@ -402,7 +675,8 @@ def _common_args(p: argparse.ArgumentParser, single_out: bool) -> None:
 def build_parser() -> argparse.ArgumentParser:
     """The command-line interface (one subcommand per dataset)."""
     p = argparse.ArgumentParser(
-        description="Build list files '<frames folder> <num_frames> <label id>' from official split files.",
+        description="Build list files '<frames folder> <num_frames> <label id>' from official split files, or "
+                    "from class folders of your own videos ('folders').",
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -430,12 +704,36 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--split-json", required=True, help="something-something-v2-{train,validation}.json")
     _common_args(s, single_out=True)
     s.set_defaults(func=build_ssv2)
+    f = sub.add_parser("folders", help="your own dataset: SRC/<class>/<video or frames folder> -> lists and a config",
+                       formatter_class=argparse.RawDescriptionHelpFormatter, epilog=FOLDERS_EPILOG,
+                       description="Class list, stratified seeded train/val(/test) lists and a ready config from "
+                                   "class folders of videos or frames folders.")
+    f.add_argument("src", metavar="SRC", help="folder with one subfolder per class, holding video files or frames folders")
+    f.add_argument("--out-dir", required=True, help="folder for classes.csv, the lists, failures.txt and the config(s)")
+    f.add_argument("--val", type=float, default=0.2, help="fraction of each class for validation (default 0.2)")
+    f.add_argument("--test", type=float, default=0.0, help="fraction of each class held out for testing (default 0)")
+    f.add_argument("--seed", type=int, default=0, help="split seed (default 0); the same on every machine")
+    f.add_argument("--name", help="name of the eval sets and of output/<name> (default: SRC's folder name)")
+    f.add_argument("--extends", default=str(_common.REPO_ROOT / "configs" / "base.yaml"),
+                   help="the recipe the config extends (default configs/base.yaml; e.g. configs/demo/demo_train.yaml "
+                        "for the tiny random CLIP that needs no weights)")
+    f.add_argument("--descriptions", metavar="CSV",
+                   help="class descriptions 'SNo,Class Name,Description' to use as class texts (default: the 16 "
+                        "prompt templates on the folder names)")
+    f.add_argument("--image-tmpl", default="img_{:05d}.jpg", help="frame file names in frames folders")
+    f.add_argument("--index-start", type=int, default=1, help="number of the first frame file (default 1)")
+    f.add_argument("--workers", type=int, default=_common.default_workers(),
+                   help="processes that check the videos (default: the CPUs; 0 = this process)")
+    f.add_argument("--no-progress", action="store_true", help="no progress bar")
+    f.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    f.set_defaults(func=build_folders)
     return p
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Command-line entry point."""
     args = build_parser().parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     _common.setup_logging(args.verbose)
     args.func(args)
     return 0

@@ -3,11 +3,19 @@
 
 Contract (docs: ARCHITECTURE.md):
   * ``SRC/<dirs>/<name>.<ext>`` becomes ``OUT/<dirs>/<name>/img_00001.jpg, img_00002.jpg, ...``:
-    exactly the decoded frames, in presentation order, 1-based.
-  * ``OUT/manifest.txt``: one line ``<folder relative to OUT> <num_frames>`` per finished video,
-    sorted at the end of a run (a rerun and a clean run give identical files).
+    exactly the decoded frames, in presentation order, 1-based, turned as decord shows the video
+    (the display rotation of MP4/MOV files, see ``datasets.readers.quarter_turns``). Folder names lose
+    leading and trailing whitespace (list readers split on it); two videos that would share a folder
+    are all reported before any work, or kept apart by their extensions with ``--keep-extension``.
+  * ``OUT/manifest.txt``: a header line (``datasets.lists.MANIFEST_HEADER``, which makes list readers
+    refuse the file), then one line ``<folder relative to OUT> <num_frames>`` per finished video, with
+    `` rotation=<degrees>`` when the frames were turned (counter-clockwise from the stored picture) and
+    `` partial`` when ``--keep-partial`` kept the frames before a decode error; sorted at the end of a
+    run (a rerun and a clean run give identical files).
   * ``OUT/failures.txt``: one line ``<video relative to SRC><TAB><reason>`` per video that could not be
-    read in the latest run; rewritten on every run (failed videos are retried).
+    read in the latest run, and per partial video (reason ``partial, kept N frames: ...``); rewritten on
+    every run (failed videos are retried, partial ones are kept). The reasons are the video readers'
+    (``datasets/readers.py``), so training, testing and extraction name a broken file alike.
 
 Safety: a video's frames go to a hidden sibling ``.tmp-<name>-<pid>`` that is renamed into place only
 once complete; the manifest line is appended (flush + fsync) only after that rename; a rerun skips
@@ -37,13 +45,12 @@ from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 import _common
-from _common import FAILURES_NAME, MANIFEST_NAME, ClassMatcher, read_classes_csv
+from _common import FAILURES_NAME, MANIFEST_HEADER, MANIFEST_NAME, PARTIAL_FLAG, ClassMatcher, read_classes_csv
+
+from datasets.readers import VIDEO_EXTENSIONS  # noqa: E402  (the repository root is on sys.path via _common)
 
 logger = logging.getLogger("extract_frames")
 
-VIDEO_EXTENSIONS = (
-    ".mp4", ".avi", ".webm", ".mkv", ".mov", ".m4v", ".mpg", ".mpeg", ".flv", ".wmv", ".3gp", ".ogv", ".ts",
-)
 TMP_PREFIX = ".tmp-"
 LOCK_NAME = ".extract_frames.lock"
 # Test-only fault injection: "<exit|killgroup>:<k>:<video path relative to SRC>" makes the worker
@@ -68,7 +75,7 @@ class Video:
 
 @dataclass
 class ExtractResult:
-    """What a run left on disk: the manifest, the failures and how much work this run did."""
+    """What a run left on disk: the manifest, the failures and partial videos, and how much work this run did."""
 
     manifest: Dict[str, int]
     failures: Dict[str, str]  # video rel path -> reason
@@ -76,23 +83,37 @@ class ExtractResult:
     extracted: int = 0
     skipped: int = 0
     out: Path = field(default_factory=Path)
+    flags: Dict[str, Tuple[str, ...]] = field(default_factory=dict)  # frames folder -> manifest flags
+    partial: Dict[str, str] = field(default_factory=dict)  # video rel path -> reason (kept with --keep-partial)
 
 
 # --------------------------------------------------------------------------------------------
 # Finding videos
 # --------------------------------------------------------------------------------------------
-def find_videos(src, extensions: Sequence[str] = VIDEO_EXTENSIONS, exclude=None) -> List[Video]:
+def frames_folder(rel: str, ext: str, keep_extension: bool = False) -> str:
+    """The frames folder (relative to OUT) of the video ``rel`` (relative to SRC) with extension ``ext``.
+
+    Every path component loses its leading and trailing whitespace: list files are read by splitting on
+    whitespace, so ``" lead.mp4"`` must not become the folder ``" lead"``.
+    """
+    stem = rel if keep_extension else rel[: len(rel) - len(ext)]
+    return "/".join(part.strip() for part in stem.split("/"))
+
+
+def find_videos(src, extensions: Sequence[str] = VIDEO_EXTENSIONS, exclude=None,
+                keep_extension: bool = False) -> List[Video]:
     """Every video file under ``src`` (recursively, sorted), skipping hidden names and ``exclude``.
 
-    Raises ValueError when two videos would share a frames folder (``a.mp4`` and ``a.avi``) or a
-    frames folder would sit inside another one.
+    Raises ValueError listing every pair of videos that would share a frames folder (``a.mp4`` and
+    ``a.avi``) or put one frames folder inside another; with ``keep_extension`` those videos' folders
+    keep the extension (``a.mp4/``, ``a.avi/``) instead.
     """
     src = Path(src).resolve()
     if not src.is_dir():
         raise NotADirectoryError(f"SRC is not a folder: {src}")
     exts = {e.lower() if e.startswith(".") else "." + e.lower() for e in extensions}
     exclude = Path(exclude).resolve() if exclude is not None else None
-    videos: List[Video] = []
+    found: List[Tuple[Path, str, str]] = []  # (file, path relative to SRC, extension)
     seen_dirs = {src}  # real folders already walked: a symlink loop is entered once, not once per level
     for root, dirs, files in os.walk(src, followlinks=True):
         rootp = Path(root)
@@ -120,31 +141,44 @@ def find_videos(src, extensions: Sequence[str] = VIDEO_EXTENSIONS, exclude=None)
             if "\n" in rel or "\r" in rel:
                 logger.warning("skipping %r: a newline in a path cannot be written to the manifest", rel)
                 continue
-            folder = rel[: len(rel) - len(ext)]
-            videos.append(Video(path=str(full), rel=rel, folder=folder))
-    videos.sort(key=lambda v: v.rel)
-    _check_folders_distinct(videos)
+            found.append((full, rel, ext))
+    found.sort(key=lambda f: f[1])
+    videos = [Video(path=str(full), rel=rel, folder=frames_folder(rel, ext)) for full, rel, ext in found]
+    clashes = _folder_clashes(videos)
+    if clashes and keep_extension:
+        clashing = {rel for pair in clashes for rel in pair[:2]}
+        videos = [Video(v.path, v.rel, frames_folder(v.rel, "", keep_extension=True)) if v.rel in clashing else v
+                  for v in videos]
+        logger.info("%d video(s) share a frames folder with another; their folders keep the extension (e.g. %s)",
+                    len(clashing), next(v.folder for v in videos if v.rel in clashing))
+        clashes = _folder_clashes(videos)
+    if clashes:
+        shown = "; ".join(why for _, _, why in clashes[:20])
+        more = f"; and {len(clashes) - 20} more" if len(clashes) > 20 else ""
+        raise ValueError(f"{len(clashes)} frames folder clash(es) under {src}: {shown}{more}. Rename or move those "
+                         "videos, or pass --keep-extension to name their frames folders with the extension "
+                         "(a.mkv/, a.mov/)")
     return videos
 
 
-def _check_folders_distinct(videos: Sequence[Video]) -> None:
+def _folder_clashes(videos: Sequence[Video]) -> List[Tuple[str, str, str]]:
+    """Every (video, other video, explanation) whose frames folders collide or nest; empty when none do."""
     by_folder: Dict[str, str] = {}
+    clashes = []
     for v in videos:
         if v.folder in by_folder:
-            raise ValueError(
-                f"{by_folder[v.folder]!r} and {v.rel!r} would both be extracted to {v.folder!r}; "
-                "rename one of them or move it out of SRC"
-            )
-        by_folder[v.folder] = v.rel
+            clashes.append((by_folder[v.folder], v.rel, f"{by_folder[v.folder]!r} and {v.rel!r} would both be "
+                            f"extracted to {v.folder!r}"))
+        else:
+            by_folder[v.folder] = v.rel
     for v in videos:
         parts = v.folder.split("/")
         for i in range(1, len(parts)):
             parent = "/".join(parts[:i])
             if parent in by_folder:
-                raise ValueError(
-                    f"the frames of {by_folder[parent]!r} would go to {parent!r}, which also holds the "
-                    f"frames folder of {v.rel!r}; move one of the two videos"
-                )
+                clashes.append((by_folder[parent], v.rel, f"the frames of {by_folder[parent]!r} would go to "
+                                f"{parent!r}, which also holds the frames folder of {v.rel!r}"))
+    return clashes
 
 
 # --------------------------------------------------------------------------------------------
@@ -154,13 +188,26 @@ class ExtractError(RuntimeError):
     """A video could not be read; the message is the reason written to failures.txt."""
 
 
-def resized_size(width: int, height: int, short_side: int) -> Tuple[int, int]:
-    """Output (width, height) with the short side equal to ``short_side`` (0 keeps the size)."""
-    if short_side <= 0 or min(width, height) == short_side:
+def resized_size(width: int, height: int, short_side: int, max_long_side: int = 0) -> Tuple[int, int]:
+    """Output (width, height), aspect ratio kept: the short side brought down to ``short_side`` (never
+    enlarged; 0 keeps it), then the long side bounded by ``max_long_side`` (0: no bound).
+
+    Frames are never enlarged: the data pipeline resizes anyway, and reading a small video from its file
+    and from its frames then gives the same pixels.
+    """
+    scale = 1.0
+    if 0 < short_side < min(width, height):
+        scale = short_side / min(width, height)
+    if 0 < max_long_side < max(width, height) * scale:
+        scale = max_long_side / max(width, height)
+    if scale == 1.0:
         return width, height
-    if width <= height:
-        return short_side, max(1, round(height * short_side / width))
-    return max(1, round(width * short_side / height)), short_side
+    return max(1, round(width * scale)), max(1, round(height * scale))
+
+
+def default_max_long_side(short_side: int) -> int:
+    """``--max-long-side`` when not given: 4 x ``--short-side`` (1024 for 256), no bound without a short side."""
+    return 4 * short_side if short_side > 0 else 0
 
 
 def _parse_fault(rel: str) -> Optional[Tuple[str, int]]:
@@ -179,6 +226,15 @@ def _trigger_fault(mode: str) -> None:
     raise ValueError(f"{FAULT_ENV}: unknown mode {mode!r}")
 
 
+@dataclass(frozen=True)
+class Extracted:
+    """What extracting one video gave: the frame count, the manifest flags and, for a partial video, why."""
+
+    num_frames: int
+    flags: Tuple[str, ...] = ()
+    partial: str = ""  # the decode problem whose frames --keep-partial kept; "" for a complete video
+
+
 def extract_video(
     video_path: str,
     out_root: str,
@@ -187,15 +243,28 @@ def extract_video(
     quality: int = 90,
     keep_partial: bool = False,
     fault: Optional[Tuple[str, int]] = None,
-) -> int:
-    """Decode ``video_path`` into ``out_root/folder/img_XXXXX.jpg``; returns the number of frames.
+    max_long_side: int = 0,
+) -> Extracted:
+    """Decode ``video_path`` into ``out_root/folder/img_XXXXX.jpg``.
 
-    The frames are written into a temporary sibling folder that replaces ``folder`` only when every
-    frame is written. Raises :class:`ExtractError` (nothing left behind) when the video cannot be read.
+    The frames are turned as decord shows the video and written into a temporary sibling folder that
+    replaces ``folder`` only when every frame is written. Raises :class:`ExtractError` (nothing left
+    behind) when the video cannot be read, with the reason the video readers give; a stream that fails
+    or ends early after some frames is an error too, unless ``keep_partial`` (then it is marked partial).
     """
     import av  # imported here so that `--help` works without PyAV
+    import numpy as np
     from av.video.reformatter import Interpolation
+    from PIL import Image
 
+    from datasets.readers import (SampleLoadError, check_video_file, decoding_failed, open_pyav, quarter_turns,
+                                  rotate_frame, short_stream)
+
+    try:
+        check_video_file(video_path)
+        container = open_pyav(video_path)
+    except SampleLoadError as exc:
+        raise ExtractError(exc.reason) from None
     final = Path(out_root) / folder
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = final.parent / f"{TMP_PREFIX}{final.name}-{os.getpid()}"
@@ -203,41 +272,48 @@ def extract_video(
         shutil.rmtree(tmp)
     tmp.mkdir()
     n = 0
+    turns = 0
+    problem = ""
     try:
-        try:
-            with av.open(video_path) as container:
-                if not container.streams.video:
-                    raise ExtractError("no video stream")
-                stream = container.streams.video[0]
-                stream.thread_type = "AUTO"
+        with container:
+            stream = container.streams.video[0]
+            stream.thread_type = "AUTO"
+            announced = int(stream.frames or 0)
+            try:
                 for frame in container.decode(stream):
-                    w, h = resized_size(frame.width, frame.height, short_side)
+                    if n == 0:
+                        turns = quarter_turns(container, frame)
+                    # The size is chosen for the picture as shown; the resize runs before the turn.
+                    shown = (frame.height, frame.width) if turns % 2 else (frame.width, frame.height)
+                    w, h = resized_size(*shown, short_side, max_long_side)
+                    if turns % 2:
+                        w, h = h, w
                     if (w, h) == (frame.width, frame.height):
                         img = frame.to_image()
                     else:
-                        # AREA averages when shrinking (no aliasing); BILINEAR when enlarging.
-                        interp = Interpolation.AREA if w < frame.width else Interpolation.BILINEAR
-                        img = frame.to_image(width=w, height=h, interpolation=interp)
+                        # AREA averages when shrinking (no aliasing); frames are never enlarged.
+                        img = frame.to_image(width=w, height=h, interpolation=Interpolation.AREA)
+                    if turns:
+                        img = Image.fromarray(rotate_frame(np.asarray(img), turns))
                     n += 1
                     img.save(tmp / frame_name(n), format="JPEG", quality=quality)
                     if fault is not None and n == fault[1]:
                         _trigger_fault(fault[0])
-        except ExtractError:
-            raise
-        except (av.FFmpegError, OSError, ValueError, RuntimeError) as exc:
-            reason = f"{type(exc).__name__}: {exc}"
-            if n == 0:
-                raise ExtractError(f"cannot decode: {reason}") from None
-            if not keep_partial:
-                raise ExtractError(f"decode error after {n} frames: {reason}") from None
-            logger.warning("%s: decode error after %d frames, keeping them (--keep-partial): %s", video_path, n, reason)
+                problem = (short_stream(n, announced) or "") if announced else ""
+            except (av.FFmpegError, ValueError, RuntimeError) as exc:
+                problem = decoding_failed(n, exc)
         if n == 0:
-            raise ExtractError("no frames could be decoded")
+            raise ExtractError(problem or "video has no frames")
+        if problem and not keep_partial:
+            raise ExtractError(problem)
+        if problem:
+            logger.warning("%s: %s; keeping the %d frames decoded (--keep-partial)", video_path, problem, n)
         _move_into_place(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return n
+    flags = ((f"rotation={90 * turns}",) if turns else ()) + ((PARTIAL_FLAG,) if problem else ())
+    return Extracted(n, flags, f"partial, kept {n} frames: {problem}" if problem else "")
 
 
 def _move_into_place(tmp: Path, final: Path) -> None:
@@ -269,11 +345,11 @@ def _worker_init() -> None:
             pass
 
 
-def _job(video: Video, out_root: str, short_side: int, quality: int, keep_partial: bool):
-    """Worker entry point: ("ok", n) or ("fail", reason); unexpected errors become failures too."""
+def _job(video: Video, out_root: str, short_side: int, quality: int, keep_partial: bool, max_long_side: int = 0):
+    """Worker entry point: ("ok", Extracted) or ("fail", reason); unexpected errors become failures too."""
     try:
-        n = extract_video(video.path, out_root, video.folder, short_side, quality, keep_partial, _parse_fault(video.rel))
-        return "ok", n
+        return "ok", extract_video(video.path, out_root, video.folder, short_side, quality, keep_partial,
+                                   _parse_fault(video.rel), max_long_side)
     except ExtractError as exc:
         return "fail", str(exc)
     except Exception as exc:  # noqa: BLE001 - one bad video must never stop the run
@@ -326,12 +402,25 @@ def _remove_leftovers(out: Path, videos: Sequence[Video]) -> int:
     return removed
 
 
-def _manifest_text(manifest: Dict[str, int]) -> str:
-    return "".join(f"{folder} {n}\n" for folder, n in sorted(manifest.items()))
+def _manifest_text(manifest: Dict[str, int], flags: Dict[str, Tuple[str, ...]]) -> str:
+    lines = [_common.format_manifest_line(folder, n, flags.get(folder, ())) for folder, n in sorted(manifest.items())]
+    return "".join(line + "\n" for line in [MANIFEST_HEADER, *lines])
 
 
 def _failures_text(failures: Dict[str, str]) -> str:
     return "".join(f"{rel}\t{' '.join(reason.split())}\n" for rel, reason in sorted(failures.items()))
+
+
+def _read_failures(path: Path) -> Dict[str, str]:
+    """The previous run's failures.txt as ``{video rel: reason}`` (empty when there is none)."""
+    if not path.is_file():
+        return {}
+    out = {}
+    for line in path.read_text(encoding="utf-8").splitlines():
+        rel, sep, reason = line.partition("\t")
+        if sep:
+            out[rel] = reason
+    return out
 
 
 class _ManifestAppender:
@@ -340,8 +429,8 @@ class _ManifestAppender:
     def __init__(self, path: Path):
         self._f = open(path, "a", encoding="utf-8", newline="\n")
 
-    def add(self, folder: str, n: int) -> None:
-        self._f.write(f"{folder} {n}\n")
+    def add(self, folder: str, n: int, flags: Sequence[str] = ()) -> None:
+        self._f.write(_common.format_manifest_line(folder, n, flags) + "\n")
         self._f.flush()
         os.fsync(self._f.fileno())
 
@@ -424,15 +513,22 @@ def run_extraction(
     keep_partial: bool = False,
     progress: bool = True,
     videos: Optional[Sequence[Video]] = None,
+    max_long_side: Optional[int] = None,
 ) -> ExtractResult:
     """Extract every video under ``src`` into ``out``; resumable, see the module docstring.
 
-    Returns the manifest (all finished videos in ``out``), the failures of this run and counts.
+    ``max_long_side`` None: :func:`default_max_long_side` of ``short_side``. Returns the manifest (all
+    finished videos in ``out``), the failures of this run, the partial videos and counts.
     """
     if not 1 <= quality <= 100:
         raise ValueError(f"--quality must be in 1..100, got {quality}")
     if short_side < 0:
         raise ValueError(f"--short-side must be >= 0, got {short_side}")
+    if max_long_side is None:
+        max_long_side = default_max_long_side(short_side)
+    if max_long_side < 0 or 0 < max_long_side < short_side:
+        raise ValueError(f"--max-long-side must be 0 (no bound) or at least --short-side ({short_side}), "
+                         f"got {max_long_side}")
     src = Path(src).resolve()
     out = Path(out).resolve()
     if videos is None:
@@ -446,9 +542,12 @@ def run_extraction(
         if removed:
             logger.info("removed %d unfinished temporary folder(s) of an earlier run", removed)
         manifest: Dict[str, int] = {}
+        flags: Dict[str, Tuple[str, ...]] = {}
         if manifest_path.exists():
-            previous = _common.read_manifest(manifest_path, strict=False)
-            manifest = {f: n for f, n in previous.items() if folder_is_complete(out / f, n)}
+            previous = _common.read_manifest_entries(manifest_path, strict=False)
+            for f, (n, fl) in previous.items():
+                if folder_is_complete(out / f, n):
+                    manifest[f], flags[f] = n, fl
             if len(manifest) != len(previous):
                 logger.info("%d manifest entries had no complete folder and will be redone", len(previous) - len(manifest))
         known = {v.folder for v in videos}
@@ -456,12 +555,16 @@ def run_extraction(
         if stale:
             logger.warning("%d manifest entries have no video under %s (kept), e.g. %s", len(stale), src, stale[0])
         # Rewriting drops a partial last line: appending after it would glue two lines together.
-        _common.atomic_write_text(manifest_path, _manifest_text(manifest))
+        _common.atomic_write_text(manifest_path, _manifest_text(manifest, flags))
 
         todo = [v for v in videos if v.folder not in manifest]
         skipped = len(videos) - len(todo)
         if skipped:
             logger.info("%d of %d videos already extracted; %d to do", skipped, len(videos), len(todo))
+        # Partial videos kept by an earlier run stay recorded as such.
+        earlier = _read_failures(out / FAILURES_NAME)
+        partial = {v.rel: earlier.get(v.rel, "partial, kept with --keep-partial by an earlier run")
+                   for v in videos if PARTIAL_FLAG in flags.get(v.folder, ())}
         failures: Dict[str, str] = {}
         extracted = 0
         appender = _ManifestAppender(manifest_path)
@@ -470,9 +573,11 @@ def run_extraction(
         def on_done(v: Video, status: str, value) -> None:
             nonlocal extracted
             if status == "ok":
-                appender.add(v.folder, int(value))
-                manifest[v.folder] = int(value)
+                appender.add(v.folder, value.num_frames, value.flags)
+                manifest[v.folder], flags[v.folder] = value.num_frames, value.flags
                 failures.pop(v.rel, None)
+                if value.partial:
+                    partial[v.rel] = value.partial
                 extracted += 1
             else:
                 failures[v.rel] = str(value)
@@ -482,16 +587,16 @@ def run_extraction(
 
         try:
             with logging_redirect_tqdm():
-                _run_jobs(todo, workers, (str(out), short_side, quality, keep_partial), on_done)
+                _run_jobs(todo, workers, (str(out), short_side, quality, keep_partial, max_long_side), on_done)
         finally:
             bar.close()
             appender.close()
-        _common.atomic_write_text(manifest_path, _manifest_text(manifest))
-        _common.atomic_write_text(out / FAILURES_NAME, _failures_text(failures))
-    logger.info(
-        "done: %d extracted, %d skipped, %d failed (see %s)", extracted, skipped, len(failures), out / FAILURES_NAME
-    )
-    return ExtractResult(manifest=manifest, failures=failures, videos=list(videos), extracted=extracted, skipped=skipped, out=out)
+        _common.atomic_write_text(manifest_path, _manifest_text(manifest, flags))
+        _common.atomic_write_text(out / FAILURES_NAME, _failures_text({**partial, **failures}))
+    logger.info("done: %d extracted, %d skipped, %d failed, %d partial (see %s)", extracted, skipped, len(failures),
+                len(partial), out / FAILURES_NAME)
+    return ExtractResult(manifest=manifest, failures=failures, videos=list(videos), extracted=extracted,
+                         skipped=skipped, out=out, flags=flags, partial=partial)
 
 
 # --------------------------------------------------------------------------------------------
@@ -544,10 +649,18 @@ examples:
   python Dataset_creation_scripts/extract_frames.py data/UCF-101 data/ucf101_frames \\
       --classes lists/ucf101_classes.csv --list-out data/ucf101_all.txt
 
+  # your own videos in class folders (SRC/<class>/<video>): frames, then lists and a config
+  python Dataset_creation_scripts/extract_frames.py data/my_videos data/my_frames --short-side 256
+  python Dataset_creation_scripts/build_lists.py folders data/my_frames --out-dir data/my_lists
+
 outputs:
-  OUT/<path relative to SRC without extension>/img_00001.jpg ...   the decoded frames, 1-based
-  OUT/manifest.txt    "<frames folder> <num_frames>" per finished video (sorted)
-  OUT/failures.txt    "<video relative to SRC><TAB><reason>" per video that could not be read
+  OUT/<path relative to SRC without extension>/img_00001.jpg ...   the decoded frames, 1-based,
+                      turned as decord shows the video (MP4/MOV display rotation)
+  OUT/manifest.txt    a header line, then "<frames folder> <num_frames>" per finished video (sorted),
+                      plus " rotation=<degrees>" if the frames were turned and " partial" (--keep-partial)
+  OUT/failures.txt    "<video relative to SRC><TAB><reason>" per video that could not be read, and per
+                      partial video ("partial, kept N frames: ...")
+The manifest is not a list file (no labels): build_lists.py makes list files from it.
 """
 
 
@@ -563,12 +676,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=_common.default_workers(),
                    help="worker processes (default: the CPUs this process may use; 0 decodes in this process)")
     p.add_argument("--short-side", type=int, default=0,
-                   help="resize so the shorter side has this many pixels, keeping the aspect ratio (0 = keep size)")
+                   help="shrink so the shorter side has at most this many pixels, keeping the aspect ratio; smaller "
+                        "videos are never enlarged (default 0: keep the size)")
+    p.add_argument("--max-long-side", type=int, default=None,
+                   help="then shrink further so the longer side has at most this many pixels, e.g. for a 4000x16 "
+                        "video (default: 4 x --short-side; 0 = no bound)")
     p.add_argument("--quality", type=int, default=90, help="JPEG quality 1-100 (default 90)")
     p.add_argument("--ext", nargs="+", default=list(VIDEO_EXTENSIONS), metavar="EXT",
                    help="video file extensions to look for (default: %(default)s)")
     p.add_argument("--keep-partial", action="store_true",
-                   help="keep the frames decoded before a mid-stream decode error instead of failing the video")
+                   help="keep the frames decoded before a mid-stream decode error instead of failing the video "
+                        "(marked 'partial' in manifest.txt and failures.txt)")
+    p.add_argument("--keep-extension", action="store_true",
+                   help="videos that would share a frames folder (a.mkv and a.mov) get folders named with the "
+                        "extension (a.mkv/, a.mov/) instead of stopping the run")
     p.add_argument("--classes", metavar="CSV", help="class list 'id,name'; labels come from each video's parent folder")
     p.add_argument("--list-out", metavar="FILE", help="with --classes: write '<folder> <num_frames> <label>' here")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -577,13 +698,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-    """Command-line entry point; returns the exit status (1 when some videos failed)."""
+    """Command-line entry point; returns the exit status (1 when failures.txt is not empty)."""
     args = build_parser().parse_args(argv)
     _common.setup_logging(args.verbose)
     if bool(args.classes) != bool(args.list_out):
         raise ValueError("--classes and --list-out go together")
     out = Path(args.out)
-    videos = find_videos(args.src, args.ext, exclude=out)
+    videos = find_videos(args.src, args.ext, exclude=out, keep_extension=args.keep_extension)
     if not videos:
         raise ValueError(f"no videos with extensions {' '.join(args.ext)} under {args.src}")
     labels = None
@@ -592,12 +713,12 @@ def main(argv=None) -> int:
         labels = labels_from_class_folders(videos, read_classes_csv(args.classes), args.classes)
     result = run_extraction(
         args.src, out, workers=args.workers, short_side=args.short_side, quality=args.quality,
-        keep_partial=args.keep_partial, progress=not args.no_progress, videos=videos,
+        keep_partial=args.keep_partial, progress=not args.no_progress, videos=videos, max_long_side=args.max_long_side,
     )
     if labels is not None:
         n = write_label_list(result, labels, args.list_out)
         logger.info("wrote %d lines to %s", n, args.list_out)
-    return 1 if result.failures else 0
+    return 1 if result.failures or result.partial else 0
 
 
 if __name__ == "__main__":

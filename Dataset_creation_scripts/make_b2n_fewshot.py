@@ -26,7 +26,6 @@ alphabetically last 26, "pour".."wave"; UCF-101's and K-400's are a mixed select
 from __future__ import annotations
 
 import argparse
-import hashlib
 import logging
 import math
 import sys
@@ -40,10 +39,6 @@ from _common import ClassMatcher, InputFormatError, format_list_line, read_class
 logger = logging.getLogger("make_b2n_fewshot")
 
 ListEntry = Tuple[str, int, int]  # (folder, num_frames, label)
-
-
-def _rank_key(seed: int, folder: str) -> str:
-    return hashlib.sha256(f"{seed}:{folder}".encode("utf-8")).hexdigest()
 
 
 def sample_per_class(
@@ -71,7 +66,7 @@ def sample_per_class(
             short.append((label, len(group)))
             if not allow_fewer:
                 continue
-        ranked = sorted(group, key=lambda e: (_rank_key(seed, e[0]), e[0]))
+        ranked = sorted(group, key=lambda e: (_common.rank_key(seed, e[0]), e[0]))
         out.extend(sorted(ranked[:k], key=lambda e: e[0]))
     if short and not allow_fewer:
         desc = ", ".join(f"label {lab}: {n}" for lab, n in short[:10])

@@ -8,8 +8,16 @@ A list file names one video per line, space separated::
 (``<path> <label id>``), and a line with the path alone has no label (``label=None``, e.g. for
 unlabelled prediction lists). A label of -1 also means "unknown". Paths may contain spaces in the
 three-field form because the last two fields are taken from the right. Blank lines are ignored.
-There are no comment lines: HMDB-51 has videos named ``#437_How_To_Ride_A_Bike...``, so a line that
-starts with ``#`` is a video like any other.
+A path with spaces in the two-field form (``air drumming/x.mp4 3``, as many tools write Kinetics
+lists) is read as such when that file or folder exists; otherwise the line is an error that names
+both readings. There are no comment lines: HMDB-51 has videos named ``#437_How_To_Ride_A_Bike...``,
+so a line that starts with ``#`` is a video like any other.
+
+The manifest that ``Dataset_creation_scripts/extract_frames.py`` writes (``<frames folder>
+<num_frames>`` per line, after a header line) is read here too (:func:`read_manifest`). It looks
+like a two-field list, where its frame counts would become labels: given as a list it is refused,
+recognised by its first line (:data:`MANIFEST_HEADER`) or, for manifests written before that line
+existed, by its file name.
 """
 
 from __future__ import annotations
@@ -19,12 +27,22 @@ import logging
 import os
 import re
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["VideoRecord", "ListFileError", "PathRules", "read_list_file", "load_class_list", "label_name_mismatches",
-           "check_labels_match_names"]
+           "check_labels_match_names", "MANIFEST_NAME", "MANIFEST_HEADER", "PARTIAL_FLAG", "VIDEO_EXTENSIONS",
+           "read_manifest", "parse_manifest_line", "format_manifest_line"]
+
+# File extensions taken for videos (the data tools, PathRules.drop_extension).
+VIDEO_EXTENSIONS = (".mp4", ".avi", ".webm", ".mkv", ".mov", ".m4v", ".mpg", ".mpeg", ".flv", ".wmv", ".3gp",
+                    ".ogv", ".ts")
+# The first line of every manifest.txt that extract_frames.py writes; what follows it is one line
+# '<frames folder> <num_frames>' per video, with ' rotation=<degrees>' and ' partial' where they apply.
+MANIFEST_NAME = "manifest.txt"
+MANIFEST_HEADER = "# manifest of extract_frames.py: <frames folder> <num_frames> [rotation=<degrees>] [partial]"
+PARTIAL_FLAG = "partial"
 
 
 class ListFileError(ValueError):
@@ -57,27 +75,46 @@ def _parse_int(text: str, what: str, list_path: str, line_no: int, raw: str) -> 
             "expected '<path> <num_frames> <label>'") from None
 
 
-def _parse_line(raw: str, list_path: str, line_no: int) -> VideoRecord:
-    """Turn one non-empty list line into a record (path not yet joined with the root)."""
+def _is_int(text: str) -> bool:
+    try:
+        int(text)
+        return True
+    except ValueError:
+        return False
+
+
+def _parse_line(raw: str, list_path: str, line_no: int, exists: Callable[[str], bool]) -> VideoRecord:
+    """Turn one non-empty list line into a record (path not yet joined with the root).
+
+    ``exists(path)`` tells whether a path as written in the list exists; it decides only lines that a
+    path with spaces makes ambiguous.
+    """
     fields = raw.split()
     if len(fields) == 1:
         return VideoRecord(fields[0], 0, None, line_no)
+    if not _is_int(fields[-1]) and exists(raw):
+        return VideoRecord(raw, 0, None, line_no)  # an unlabelled path with spaces
+    label = _parse_int(fields[-1], "label", list_path, line_no, raw)
     if len(fields) == 2:
         # The frame count is the optional field: '<path> <label>'.
-        label = _parse_int(fields[1], "label", list_path, line_no, raw)
         return VideoRecord(fields[0], 0, label, line_no)
-    # Three or more fields: the last two are numbers, everything before them is the path (which
-    # therefore may contain spaces, as Kinetics class folders do).
-    path, n_text, label_text = raw.strip().rsplit(None, 2)
-    num_frames = _parse_int(n_text, "num_frames", list_path, line_no, raw)
-    label = _parse_int(label_text, "label", list_path, line_no, raw)
+    # Three or more fields: '<path> <num_frames> <label>', everything before the two numbers being the
+    # path (which may contain spaces, as Kinetics class folders do) ...
+    path, n_text, _ = raw.rsplit(None, 2)
+    if not _is_int(n_text):
+        # ... or '<path with spaces> <label>'.
+        spaced = raw.rsplit(None, 1)[0]
+        if exists(spaced):
+            return VideoRecord(spaced, 0, label, line_no)
+        raise ListFileError(
+            f"{list_path}:{line_no}: num_frames must be an integer, got {n_text!r} in line {raw!r}; read as "
+            f"'<path> <label>' instead, the path {spaced!r} does not exist. Expected '<path> <num_frames> <label>' "
+            "(num_frames 0: count the frames when the video is read)")
+    num_frames = int(n_text)
     if num_frames < 0:
         raise ListFileError(f"{list_path}:{line_no}: num_frames must be >= 0, got {num_frames} "
                             f"in line {raw!r}")
     return VideoRecord(path, num_frames, label, line_no)
-
-
-VIDEO_SUFFIXES = (".avi", ".mp4", ".webm", ".mkv", ".mov", ".m4v", ".mpg", ".mpeg", ".flv", ".wmv", ".3gp", ".ogv")
 
 
 @dataclass(frozen=True)
@@ -127,7 +164,7 @@ class PathRules:
             path = "/".join(parts[-self.keep_last:])
         if self.drop_extension:
             stem, ext = os.path.splitext(path.rstrip("/"))
-            if ext.lower() in VIDEO_SUFFIXES:
+            if ext.lower() in VIDEO_EXTENSIONS:
                 path = stem
         return path
 
@@ -139,12 +176,76 @@ def _manifest_names(root: Optional[str]) -> Dict[str, List[str]]:
         raise ListFileError(f"paths.by_name looks videos up in the frame extraction's manifest, but {manifest} does "
                             f"not exist (extract_frames.py writes it into its output folder: set the root to that)")
     names: Dict[str, List[str]] = {}
-    with open(manifest, "r", encoding="utf-8") as f:
-        for line in f:
-            if line.strip():
-                folder = line.rstrip("\n").rsplit(None, 1)[0].rstrip("/")
-                names.setdefault(folder.rsplit("/", 1)[-1], []).append(folder)
+    for folder in read_manifest(manifest):
+        folder = folder.rstrip("/")
+        names.setdefault(folder.rsplit("/", 1)[-1], []).append(folder)
     return names
+
+
+def parse_manifest_line(line: str) -> Tuple[str, int, Tuple[str, ...]]:
+    """Split a manifest line ``<folder> <num_frames>[ rotation=<degrees>][ partial]``.
+
+    The folder may contain spaces: the flags are taken off the right end, then the count.
+    Raises ValueError for a line of another form.
+    """
+    text = line.rstrip("\n")
+    flags: List[str] = []
+    while True:
+        head, _, last = text.rpartition(" ")
+        if head and (last == PARTIAL_FLAG or re.fullmatch(r"rotation=\d+", last)):
+            flags.insert(0, last)
+            text = head
+        else:
+            break
+    folder, _, count = text.rpartition(" ")
+    if not folder or not count.isdigit():
+        raise ValueError(f"expected '<folder> <num_frames>', got {line.rstrip(chr(10))!r}")
+    return folder, int(count), tuple(flags)
+
+
+def format_manifest_line(folder: str, num_frames: int, flags: Sequence[str] = ()) -> str:
+    """One manifest line (without the newline); see :func:`parse_manifest_line`."""
+    return " ".join([folder, str(num_frames), *flags])
+
+
+def read_manifest(path, strict: bool = True) -> Dict[str, Tuple[int, Tuple[str, ...]]]:
+    """Read a ``manifest.txt`` written by extract_frames.py into ``{folder: (num_frames, flags)}``.
+
+    The header line (:data:`MANIFEST_HEADER`) is skipped; manifests written before it existed have
+    none. A last line without a newline is what a killed writer leaves behind; it is ignored. With
+    ``strict`` a malformed complete line raises :class:`ListFileError` (``<file>:<line>: ...``),
+    otherwise it is skipped with a warning. A folder listed twice keeps its last entry.
+    """
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"manifest not found: {path} (run extract_frames.py first)")
+    with open(path, encoding="utf-8", newline="") as f:
+        lines = f.read().split("\n")
+    if lines[-1]:  # the part after the last newline is either "" or an unfinished line
+        logger.warning("%s: ignoring an unfinished last line %r", path, lines[-1][:80])
+    out: Dict[str, Tuple[int, Tuple[str, ...]]] = {}
+    for line_no, line in enumerate(lines[:-1], start=1):
+        if not line.strip() or (line_no == 1 and line.startswith(MANIFEST_HEADER.split(":")[0])):
+            continue
+        try:
+            folder, n, flags = parse_manifest_line(line)
+        except ValueError as e:
+            if strict:
+                raise ListFileError(f"{path}:{line_no}: {e}") from None
+            logger.warning("%s:%d: skipping malformed line %r", path, line_no, line[:80])
+            continue
+        out[folder] = (n, flags)
+    return out
+
+
+def _refuse_manifest(path: str, first_line: str) -> None:
+    """A manifest read as a list would turn frame counts into labels: refuse it, saying what it is."""
+    if first_line.startswith(MANIFEST_HEADER.split(":")[0]) or os.path.basename(path) == MANIFEST_NAME:
+        raise ListFileError(
+            f"{path} is the manifest that extract_frames.py writes ('<frames folder> <num_frames>' per line, "
+            "no labels), not a list file: read as one, its frame counts would become labels. Make list files "
+            "from it with Dataset_creation_scripts/build_lists.py (the 'folders' subcommand for class folders, "
+            "or the official splits' subcommands)")
 
 
 class _InsideRoot:
@@ -208,7 +309,8 @@ def read_list_file(path: str, root: Optional[str] = None, num_classes: Optional[
     Raises:
         FileNotFoundError: the list file does not exist.
         ListFileError: a malformed line or a label out of range (message ``<file>:<line>: ...``),
-            a path that leaves the root, or a list without any video.
+            a path that leaves the root, a list without any video, or a manifest of extract_frames.py
+            given as a list.
     """
     path = os.fspath(path)
     if not os.path.isfile(path):
@@ -217,12 +319,20 @@ def read_list_file(path: str, root: Optional[str] = None, num_classes: Optional[
     inside = _InsideRoot(os.fspath(root)) if root is not None and not allow_outside_root else None
     by_name = _manifest_names(root) if rules.by_name else None
     records: List[VideoRecord] = []
+
+    def exists(video: str) -> bool:
+        """Whether a path as written in the list exists on this machine (only asked for ambiguous lines)."""
+        video = os.path.expanduser(rules.rewrite(video) if rules.active else video)
+        return os.path.exists(video if root is None or os.path.isabs(video) else os.path.join(os.fspath(root), video))
+
     with open(path, "r", encoding="utf-8") as f:
         for line_no, raw in enumerate(f, start=1):
             text = raw.strip()
             if not text:
                 continue
-            rec = _parse_line(text, path, line_no)
+            if not records:
+                _refuse_manifest(path, text)
+            rec = _parse_line(text, path, line_no, exists)
             label = rec.label
             if label is not None and label < 0:
                 if label != -1:

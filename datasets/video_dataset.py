@@ -64,7 +64,7 @@ def _check_template(image_tmpl: str) -> None:
 def _frame_count(source, listed: int) -> int:
     """Frames to sample from: the list's count, checked against the container for video files."""
     if isinstance(source, FrameFolder):
-        n = listed if listed > 0 else source.num_frames
+        n = source.checked_count(listed)  # a gap in the folder is an error, also when the list gives a count
     else:
         # The container's count is known after opening (decord); the list may be off by a frame.
         n = source.num_frames if listed <= 0 else min(listed, source.num_frames)

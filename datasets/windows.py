@@ -24,7 +24,8 @@ from typing import Callable, Iterable, Iterator, Optional
 import numpy as np
 import torch
 
-from .readers import FrameFolder, SampleLoadError, VideoFile, _short
+from .readers import (FrameFolder, SampleLoadError, VideoFile, decoding_failed, open_pyav, quarter_turns,
+                      rotate_frame)
 from .sampling import sample_indices
 from .video_dataset import _test_views
 
@@ -178,8 +179,6 @@ class WindowStream:
         yield from self._stream_video()
 
     def _stream_video(self) -> Iterator[tuple]:
-        import av
-
         total = self.total_frames or VideoFile(self.path, backend="pyav").num_frames
         self.length = total
         cache: dict = {}          # frame index -> (H, W, 3) uint8, only frames a pending window samples
@@ -202,13 +201,9 @@ class WindowStream:
 
         error: Optional[Exception] = None
         last_frame = None  # the newest decoded frame (not converted): stands in for frames past a short stream
+        container = open_pyav(self.path)  # the readers' checks and reasons (no video stream, an image, ...)
+        turns = 0  # frames are turned as decord shows them (datasets.readers.quarter_turns), like the readers'
         try:
-            container = av.open(self.path)
-        except Exception as e:  # av.error.* for unreadable files
-            raise SampleLoadError(self.path, f"cannot open video ({_short(e)})") from e
-        try:
-            if not container.streams.video:
-                raise SampleLoadError(self.path, "no video stream in the file")
             stream = container.streams.video[0]
             stream.thread_type = "AUTO"  # frame-parallel decoding where the codec allows it
             frames_iter = container.decode(stream)
@@ -222,6 +217,8 @@ class WindowStream:
                     error = e
                     break
                 k += 1
+                if k == 0:
+                    turns = quarter_turns(container, frame)
                 self.decoded = k + 1
                 last_frame = frame
                 while upcoming is not None and upcoming.start <= k:  # windows start in order
@@ -231,7 +228,7 @@ class WindowStream:
                     pending.append((upcoming, frames))
                     upcoming = next(todo, None)
                 if k in need:
-                    cache[k] = frame.to_ndarray(format="rgb24")
+                    cache[k] = rotate_frame(frame.to_ndarray(format="rgb24"), turns)
                     self.max_cached = max(self.max_cached, len(cache))
                 while pending and int(pending[0][1][-1]) <= k:
                     yield emit(*pending.popleft())
@@ -249,7 +246,7 @@ class WindowStream:
                            self.path, self.decoded, total)
             last = self.decoded - 1
             self.length = self.decoded
-            cache.setdefault(last, last_frame.to_ndarray(format="rgb24"))
+            cache.setdefault(last, rotate_frame(last_frame.to_ndarray(format="rgb24"), turns))
             rest = [w for w, _ in pending] + ([upcoming] if upcoming is not None else []) + list(todo)
             for w in rest:
                 if w.start > last:
@@ -259,8 +256,7 @@ class WindowStream:
             return
         self.length = self.decoded
         if error is not None:
-            raise SampleLoadError(self.path, f"decoding failed after {self.decoded} of {total} frames (truncated or "
-                                  f"corrupt?): {_short(error)}") from error
+            raise SampleLoadError(self.path, decoding_failed(self.decoded, error)) from error
         raise SampleLoadError(self.path, f"video ends after {self.decoded} of the {total} frames its header "
                               f"announces (truncated?)")
 

@@ -100,6 +100,22 @@ def test_missing_inputs_are_listed_before_any_work(tmp_path):
         check_paths(cfg, train=True)
 
 
+def test_opts_override_one_field_of_an_eval_set(tmp_path):
+    (tmp_path / "exp.yaml").write_text(
+        "eval:\n  sets:\n    - {name: a, lists: [a.txt], root: ra}\n    - {name: b, lists: [b.txt], root: rb}\n")
+    cfg = load_config(tmp_path / "exp.yaml", ["eval.sets.1.root=elsewhere", "eval.sets.0.lists=[x.txt, y.txt]"])
+    a, b = cfg.eval.sets
+    assert (a.name, a.lists, a.root) == ("a", ["x.txt", "y.txt"], "ra"), "the other fields of the set are kept"
+    assert (b.name, b.lists, b.root) == ("b", ["b.txt"], "elsewhere")
+    with pytest.raises(ConfigError, match=r"eval.sets is a list of 2 item\(s\), .*index 0..1, got '2'"):
+        load_config(tmp_path / "exp.yaml", ["eval.sets.2.root=x"])
+    with pytest.raises(ConfigError, match=r"unknown key\(s\) eval.sets.0.rot"):
+        load_config(tmp_path / "exp.yaml", ["eval.sets.0.rot=x"])
+    # the whole list is still replaced by a list value
+    cfg = load_config(tmp_path / "exp.yaml", ["eval.sets=[{name: c, lists: [c.txt]}]"])
+    assert [s.name for s in cfg.eval.sets] == ["c"]
+
+
 @pytest.mark.parametrize("opts, message", [
     (['eval.sets=[{name: ucf, lists: [["a.txt", "b.txt"]]}]'],
      r"eval.sets\[ucf\].lists\[0\] must be a list file's path, got \['a.txt', 'b.txt'\] \(list\)"),

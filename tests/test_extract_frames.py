@@ -22,6 +22,8 @@ sys.path.insert(0, str(SCRIPTS))
 import extract_frames  # noqa: E402
 from extract_frames import FAULT_ENV, frame_name, run_extraction  # noqa: E402
 
+from datasets.lists import MANIFEST_HEADER  # noqa: E402
+
 CODECS = {".mp4": ("libx264" if "libx264" in av.codecs_available else "mpeg4", "mp4"), ".avi": ("mpeg4", "avi")}
 
 
@@ -41,6 +43,13 @@ def write_grey_video(path, num_frames, size=(32, 32), offset=0):
                 c.mux(pkt)
         for pkt in s.encode():
             c.mux(pkt)
+
+
+def manifest_body(out):
+    """manifest.txt without its header line (which must be there)."""
+    header, _, body = (Path(out) / "manifest.txt").read_text().partition("\n")
+    assert header == MANIFEST_HEADER
+    return body
 
 
 def mean_levels(folder):
@@ -77,7 +86,7 @@ def test_frames_are_the_decoded_frames_in_order(tmp_path, ext):
     write_grey_video(src / "other" / f"short{ext}", 3)
     result = run_extraction(src, out, workers=2, progress=False)
     assert result.failures == {}
-    assert (out / "manifest.txt").read_text() == "cls/clip 14\nother/short 3\n"
+    assert manifest_body(out) == "cls/clip 14\nother/short 3\n"
     assert (out / "failures.txt").read_text() == ""
     levels, names = mean_levels(out / "cls" / "clip")
     assert names == [frame_name(k) for k in range(1, 15)]
@@ -106,7 +115,7 @@ def test_unreadable_videos_are_recorded_and_retried(tmp_path):
     (src / "b" / "noise.avi").write_bytes(np.random.default_rng(0).integers(0, 256, 4096, dtype=np.uint8).tobytes())
     proc = run_cli(src, out, "--workers", "2")
     assert proc.returncode == 1, proc.stderr  # some videos failed
-    assert (out / "manifest.txt").read_text() == "a/good1 4\nb/good2 5\n"
+    assert manifest_body(out) == "a/good1 4\nb/good2 5\n"
     failures = dict(line.split("\t", 1) for line in (out / "failures.txt").read_text().splitlines())
     assert set(failures) == {"a/empty.mp4", "b/noise.avi"}
     assert all(reason.strip() for reason in failures.values())
@@ -115,7 +124,7 @@ def test_unreadable_videos_are_recorded_and_retried(tmp_path):
     write_grey_video(src / "a" / "empty.mp4", 6)
     proc = run_cli(src, out, "--workers", "2")
     assert proc.returncode == 1
-    assert (out / "manifest.txt").read_text() == "a/empty 6\na/good1 4\nb/good2 5\n"
+    assert manifest_body(out) == "a/empty 6\na/good1 4\nb/good2 5\n"
     assert list((out / "failures.txt").read_text().splitlines())[0].startswith("b/noise.avi\t")
     assert len((out / "failures.txt").read_text().splitlines()) == 1
 
@@ -128,7 +137,7 @@ def _make_source(src):
 
 def _assert_manifest_honest(out):
     """Every manifest line is complete and names a complete folder (never a half-written one)."""
-    text = (out / "manifest.txt").read_text()
+    text = manifest_body(out)
     assert text == "" or text.endswith("\n")
     for line in text.splitlines():
         folder, n = line.rsplit(" ", 1)
@@ -150,7 +159,7 @@ def test_killed_run_resumes_to_the_same_result_as_a_clean_run(tmp_path):
     half = list((out / "class1").glob(".tmp-video4-*"))
     assert len(half) == 1 and len(list(half[0].iterdir())) == 5  # the half-written video is there...
     _assert_manifest_honest(out)
-    assert "class1/video4 " not in (out / "manifest.txt").read_text()  # ...and not listed
+    assert "class1/video4 " not in manifest_body(out)  # ...and not listed
     # A kill in the middle of a manifest write leaves an unfinished last line; the next run must not
     # glue its first line onto it, even if that run is killed too.
     with open(out / "manifest.txt", "a") as f:
@@ -174,7 +183,7 @@ def test_a_dying_worker_does_not_hang_the_run(tmp_path):
     assert proc.returncode == 1, proc.stderr
     failures = (out / "failures.txt").read_text().splitlines()
     assert len(failures) == 1 and failures[0].startswith("class0/video3.avi\t") and "died" in failures[0]
-    manifest = (out / "manifest.txt").read_text().splitlines()
+    manifest = manifest_body(out).splitlines()
     assert len(manifest) == 7 and not any(line.startswith("class0/video3 ") for line in manifest)
     _assert_manifest_honest(out)
     # Without the fault the rerun extracts only the failed video.
@@ -182,7 +191,7 @@ def test_a_dying_worker_does_not_hang_the_run(tmp_path):
     assert proc.returncode == 0
     assert "1 to do" in proc.stderr
     assert (out / "failures.txt").read_text() == ""
-    assert len((out / "manifest.txt").read_text().splitlines()) == 8
+    assert len(manifest_body(out).splitlines()) == 8
 
 
 def test_rerun_skips_finished_and_redoes_missing_folders(tmp_path):
@@ -198,7 +207,7 @@ def test_rerun_skips_finished_and_redoes_missing_folders(tmp_path):
     shutil.rmtree(out / "v1")
     third = run_extraction(src, out, workers=0, progress=False)
     assert (third.extracted, third.skipped) == (1, 2)
-    assert (out / "manifest.txt").read_text() == "v0 3\nv1 4\nv2 5\n"
+    assert manifest_body(out) == "v0 3\nv1 4\nv2 5\n"
 
 
 def test_class_folders_give_a_list_file(tmp_path):

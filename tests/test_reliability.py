@@ -686,7 +686,7 @@ def test_extraction_stays_inside_out_with_symlinks_pointing_outside_src(tmp_path
     siblings = sorted(p.name for p in tmp_path.iterdir())
     proc = run_cli(src, out, "--workers", "1")
     assert proc.returncode == 0, proc.stderr
-    assert (out / "manifest.txt").read_text() == "linked_dir/far 3\nlinked_file 3\nnear 2\n"
+    assert (out / "manifest.txt").read_text().split("\n", 1)[1] == "linked_dir/far 3\nlinked_file 3\nnear 2\n"
     assert tree_snapshot(outside) == before  # nothing written next to the link targets
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(siblings + ["out"])
     for path in out.rglob("*"):
@@ -699,7 +699,7 @@ def test_extraction_visits_a_symlink_loop_once(tmp_path):
     (src / "a" / "loop").symlink_to("..", target_is_directory=True)
     proc = run_cli(src, out, "--workers", "1")
     assert proc.returncode == 0, proc.stderr
-    assert (out / "manifest.txt").read_text() == "a/v 2\n"
+    assert (out / "manifest.txt").read_text().split("\n", 1)[1] == "a/v 2\n"
 
 
 def test_extraction_killed_with_unreadable_videos_among_good_ones_reruns_to_the_clean_result(tmp_path):

@@ -265,5 +265,5 @@ def test_b2n_frequency_rule(tmp_path):
 
 def test_list_file_errors_name_the_line(tmp_path):
     bad = write(tmp_path / "l.txt", "a/b 10 0\na/c ten 1\n")
-    with pytest.raises(InputFormatError, match=r"l\.txt:2"):
+    with pytest.raises(ValueError, match=r"l\.txt:2: num_frames must be an integer, got 'ten'"):
         read_list_file(bad)

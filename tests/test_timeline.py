@@ -248,6 +248,9 @@ def test_a_video_that_breaks_off_keeps_the_windows_read_before(long_video, ckpt,
         def close(self):
             self._c.close()
 
+        def __getattr__(self, name):  # the rest (format, name) as the real container's
+            return getattr(self._c, name)
+
     monkeypatch.setattr(av, "open", lambda *a, **k: Broken(real_open(*a, **k)))
     out = tmp_path / "tl"
     rc, stdout, err = run_predict(capsys, path, "--model", ckpt, "--classes", CLASSES, "--window", "2s", "--stride",

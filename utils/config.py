@@ -7,6 +7,7 @@ any work starts (``check_paths``). Paths in a config are relative to the directo
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import logging
 import math
@@ -224,22 +225,59 @@ def deep_merge(base: dict, override: dict) -> dict:
     return out
 
 
+def _parse_opt(opt: str) -> tuple[list[str], Any]:
+    """``"data.batch_size=8"`` -> ``(["data", "batch_size"], 8)``; the value is parsed as a YAML scalar/list."""
+    if "=" not in opt:
+        raise ConfigError(f"--opts entries are key=value with a dotted key (data.batch_size=8), got {opt!r}")
+    key, raw = opt.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.strip().split("."), value
+
+
 def parse_opts(opts: list[str]) -> dict:
     """``["data.batch_size=8", "solver.lr=1e-3"]`` -> nested dict; values are parsed as YAML scalars/lists."""
     out: dict = {}
     for opt in opts or []:
-        if "=" not in opt:
-            raise ConfigError(f"--opts entries are key=value with a dotted key (data.batch_size=8), got {opt!r}")
-        key, raw = opt.split("=", 1)
-        try:
-            value = yaml.safe_load(raw) if raw != "" else ""
-        except yaml.YAMLError:
-            value = raw
+        parts, value = _parse_opt(opt)
         node = out
-        parts = key.strip().split(".")
         for part in parts[:-1]:
             node = node.setdefault(part, {})
         node[parts[-1]] = value
+    return out
+
+
+def apply_opts(data: dict, opts: list[str]) -> dict:
+    """``data`` with the ``--opts`` applied in order; a number in the key picks a list item.
+
+    ``eval.sets.0.root=data/frames`` changes one field of the first eval set and keeps the others (a mapping
+    value merges into a mapping, anything else replaces); ``eval.sets=[...]`` replaces the whole list.
+    """
+    out = copy.deepcopy(data)
+    for opt in opts or []:
+        parts, value = _parse_opt(opt)
+        node: Any = out
+        for i, part in enumerate(parts):
+            where = ".".join(parts[:i])
+            last = i == len(parts) - 1
+            if isinstance(node, list):
+                if not part.isdigit() or int(part) >= len(node):
+                    raise ConfigError(f"--opts {opt!r}: {where} is a list of {len(node)} item(s), so the key part "
+                                      f"after it must be an index 0..{len(node) - 1}, got {part!r}")
+                part = int(part)
+                current = node[part]
+            else:
+                current = node.get(part)
+            if last:
+                node[part] = deep_merge(current, value) if isinstance(value, dict) and isinstance(current, dict) \
+                    else value
+            elif isinstance(current, (dict, list)):
+                node = current
+            else:
+                node[part] = {}
+                node = node[part]
     return out
 
 
@@ -328,7 +366,7 @@ def load_config(path: Optional[str | Path], opts: Optional[list[str]] = None) ->
     source = str(path) if path else "(defaults)"
     try:
         data = _read_yaml(Path(path)) if path else {}
-        data = deep_merge(data, parse_opts(opts or []))
+        data = apply_opts(data, opts or [])
         cfg = _build(Config, data, (), source if not opts else f"{source} with --opts")
     except RecursionError:  # raised by the YAML reader itself, or by the merge, on a value nested ~1000 deep
         raise ConfigError(f"{source}{' with --opts' if opts else ''}: a value is nested too deeply to be a config "
