@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader, Sampler
 from tqdm import tqdm
 
 import clip
-from datasets import PathRules, VideoDataset, load_class_list
+from datasets import TEST_RULES, PathRules, VideoDataset, load_class_list
 from modules import build_t2l, class_texts, load_t2l, random_clip, read_descriptions, tokenize_class_texts
 from utils import distributed
 from utils.config import Config, EvalSet
@@ -238,12 +238,13 @@ def score_dataset(model: nn.Module, dataset: VideoDataset, text_emb: torch.Tenso
     """
     rank, world = (dist_info.rank, dist_info.world_size) if dist_info else (0, 1)
     loader = DataLoader(dataset, batch_size=batch_size, sampler=ShardSampler(len(dataset), rank, world),
-                        num_workers=num_workers, pin_memory=device.type == "cuda", drop_last=False)
+                        num_workers=num_workers, pin_memory=device.type == "cuda", drop_last=False,
+                        collate_fn=dataset.collate)
     scale = scoring_scale(model, rules)
     scores, labels, indices = [], [], []
     failed = 0
     for batch in tqdm(loader, desc=desc, disable=rank != 0, leave=False, dynamic_ncols=True):
-        video = batch["video"].to(device, non_blocking=True)
+        video = dataset.finish(batch, device)  # (B, V, T, 3, S, S); the transform runs here when deferred
         B, V = video.shape[:2]
         with autocast(device, precision):
             video_emb, _ = model.encode_video(video.flatten(0, 1))  # (B*V, T, 3, S, S) -> (B*V, E)
@@ -288,14 +289,24 @@ def path_rules(paths) -> PathRules:
     return PathRules.from_options(paths.map, paths.keep_last, paths.drop_extension, paths.by_name)
 
 
-def make_eval_dataset(cfg: Config, s: EvalSet, list_file: str, names: list, classes_csv: str) -> VideoDataset:
+def transform_on_device(cfg: Config, device: torch.device, mode: str) -> bool:
+    """Whether the clip transform runs on the device (``data.transform_on``): "auto" puts it there on a GPU. The
+    published test view resizes with Pillow, which runs on the CPU only, so testing under it stays in the loader."""
+    if mode == "test" and TEST_RULES[cfg.eval.rules]["resize"] == "pil_bicubic":
+        return False
+    return cfg.data.transform_on == "device" or (cfg.data.transform_on == "auto" and device.type == "cuda")
+
+
+def make_eval_dataset(cfg: Config, s: EvalSet, list_file: str, names: list, classes_csv: str,
+                      device: Optional[torch.device] = None) -> VideoDataset:
     return VideoDataset(list_file, root=s.root, num_frames=cfg.data.num_frames, mode="test",
                         input_size=cfg.data.input_size, image_tmpl=s.image_tmpl or cfg.data.image_tmpl,
                         index_start=s.index_start if s.index_start is not None else cfg.data.index_start,
                         num_clips=cfg.eval.num_clips, num_crops=cfg.eval.num_crops, on_error=cfg.data.on_error,
                         seed=cfg.seed, test_rules=cfg.eval.rules, class_names=names, classes_source=classes_csv,
                         check_labels=cfg.data.check_labels, paths=path_rules(s.paths),
-                        allow_outside_root=cfg.data.allow_outside_root)
+                        allow_outside_root=cfg.data.allow_outside_root,
+                        deferred=transform_on_device(cfg, device or torch.device("cpu"), "test"))
 
 
 def evaluate_set(model: nn.Module, cfg: Config, s: EvalSet, device: torch.device, dist_info=None,
@@ -312,7 +323,7 @@ def evaluate_set(model: nn.Module, cfg: Config, s: EvalSet, device: torch.device
     result: dict = {"name": s.name, "group": s.group, "num_classes": len(names), "splits": []}
     entries = []  # what the aggregate is over: the splits, or the class subsets of every split
     for list_file in s.lists:
-        dataset = make_eval_dataset(cfg, s, list_file, names, classes_csv)
+        dataset = make_eval_dataset(cfg, s, list_file, names, classes_csv, device)
         scores, labels, failed, indices = score_dataset(model, dataset, text_emb, device, cfg.eval.batch_size,
                                                         cfg.data.num_workers, cfg.solver.precision, dist_info,
                                                         desc=f"{s.name} {Path(list_file).name}", rules=cfg.eval.rules,

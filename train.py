@@ -262,7 +262,8 @@ def train(cfg, args, dist_info, out: Path) -> dict:
                            seed=cfg.seed, class_names=class_names, classes_source=cfg.data.classes,
                            check_labels=cfg.data.check_labels, paths=engine.path_rules(cfg.data.paths),
                            train_sampling=cfg.data.train_sampling, test_rules=cfg.eval.rules,
-                           allow_outside_root=cfg.data.allow_outside_root)
+                           allow_outside_root=cfg.data.allow_outside_root,
+                           deferred=engine.transform_on_device(cfg, device, "train"))
     sampler = DistributedSampler(dataset, num_replicas=dist_info.world_size, rank=dist_info.rank, shuffle=True,
                                  seed=cfg.seed, drop_last=True)
     if len(sampler) < cfg.data.batch_size:
@@ -271,7 +272,7 @@ def train(cfg, args, dist_info, out: Path) -> dict:
     loader = DataLoader(dataset, batch_size=cfg.data.batch_size, sampler=sampler, num_workers=cfg.data.num_workers,
                         pin_memory=device.type == "cuda", drop_last=True,
                         persistent_workers=cfg.data.num_workers > 0,
-                        prefetch_factor=4 if cfg.data.num_workers > 0 else None)
+                        prefetch_factor=4 if cfg.data.num_workers > 0 else None, collate_fn=dataset.collate)
     logger.info("training on %d videos of %d classes from %s (%d steps per epoch)", len(dataset),
                 len(class_names), cfg.data.train_list, len(loader) // cfg.solver.grad_accum)
 
@@ -345,7 +346,7 @@ def train(cfg, args, dist_info, out: Path) -> dict:
                    dynamic_ncols=True)
         zero_grad(model, optimizer)
         for i, batch in enumerate(bar):
-            videos = batch["video"].to(device, non_blocking=True)
+            videos = dataset.finish(batch, device)  # the augmentation runs here when the loader only decodes
             labels = batch["label"].to(device, non_blocking=True)
             failed += int(batch["failed"].sum())
             views = torch.randint(tokens.shape[0], (labels.shape[0],), generator=view_rng)

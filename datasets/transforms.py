@@ -48,9 +48,17 @@ _FIXED_POSITIONS = ((0, 0), (4, 0), (0, 4), (4, 4), (2, 2), (0, 2), (4, 2), (2, 
 
 
 def _resize(clip: torch.Tensor, height: int, width: int) -> torch.Tensor:
-    """Bilinear antialiased resize of a uint8 ``(T, 3, h, w)`` clip to ``(T, 3, height, width)``."""
+    """Bilinear antialiased resize of a uint8 ``(T, 3, h, w)`` clip to ``(T, 3, height, width)``.
+
+    On the CPU the clip stays uint8 (torch's vectorised uint8 antialias kernel, which rounds to whole grey levels).
+    On another device (the batch half of the pipeline on a GPU) it is resized in float32 and not rounded: within half
+    a grey level of the CPU result.
+    """
     if clip.shape[-2:] == (height, width):
         return clip
+    if clip.device.type != "cpu":
+        return nnf.interpolate(clip.float(), size=(height, width), mode="bilinear", antialias=True,
+                               align_corners=False)
     # torch has a fast vectorised uint8 antialias kernel for channels-last 3-channel images.
     clip = clip.contiguous(memory_format=torch.channels_last)
     return nnf.interpolate(clip, size=(height, width), mode="bilinear", antialias=True,
@@ -78,8 +86,8 @@ def _to_float(clip: torch.Tensor) -> torch.Tensor:
 def normalize(clip: torch.Tensor, mean: Sequence[float] = CLIP_MEAN,
               std: Sequence[float] = CLIP_STD) -> torch.Tensor:
     """(x - mean) / std per channel on a float ``(..., 3, H, W)`` tensor in [0, 1] (in place)."""
-    m = torch.tensor(mean, dtype=clip.dtype).view(3, 1, 1)
-    s = torch.tensor(std, dtype=clip.dtype).view(3, 1, 1)
+    m = torch.tensor(mean, dtype=clip.dtype, device=clip.device).view(3, 1, 1)
+    s = torch.tensor(std, dtype=clip.dtype, device=clip.device).view(3, 1, 1)
     return clip.sub_(m).div_(s)
 
 
@@ -114,7 +122,7 @@ def adjust_hue(x: torch.Tensor, hue_factor: float) -> torch.Tensor:
     hc = is_r * (g - b) + is_g * (b - r + c2) + is_b * (r - g + 2.0 * c2)
     # + 6 keeps h positive for the floor-based modulo below (h >= -1 before the shift, |shift| <= 3)
     h = hc.div_(chroma.clamp(min=1e-12)).add_(6.0 + 6.0 * hue_factor)
-    k = h.unsqueeze(-3) + _CHANNEL_OFFSETS.to(x.dtype)  # (..., 1, H, W) + (3, 1, 1) -> (..., 3, H, W)
+    k = h.unsqueeze(-3) + _CHANNEL_OFFSETS.to(x.device, x.dtype)  # (..., 1, H, W) + (3, 1, 1) -> (..., 3, H, W)
     k -= 6.0 * torch.floor(k * (1.0 / 6.0))
     t = torch.minimum(k, 4.0 - k).clamp_(0.0, 1.0)
     return maxc.unsqueeze(-3) - chroma.unsqueeze(-3) * t
@@ -178,12 +186,14 @@ class TrainTransform:
         qx, qy = _FIXED_POSITIONS[int(torch.randint(len(_FIXED_POSITIONS), (), generator=g))]
         return qy * step_y, qx * step_x, crop_h, crop_w
 
-    def __call__(self, clip: torch.Tensor, generator: Optional[torch.Generator] = None) -> torch.Tensor:
-        """Augment ``clip`` (uint8 ``(T, 3, H, W)``) with randomness from ``generator``."""
-        _check_clip(clip)
+    def sample(self, height: int, width: int, generator: Optional[torch.Generator] = None) -> dict:
+        """Every random choice for one clip of ``height x width`` frames, drawn from ``generator``.
+
+        The result (plain Python numbers) is what :meth:`apply` needs; splitting the two lets a DataLoader worker
+        draw the choices next to the decoding and the device apply them to a whole batch.
+        """
         g = generator
-        top, left, ch, cw = self.sample_crop(clip.shape[-2], clip.shape[-1], g)
-        x = _resize(clip[..., top:top + ch, left:left + cw], self.size, self.size)
+        top, left, ch, cw = self.sample_crop(height, width, g)
         # Draw every random number in a fixed order whether or not it is used, so that the
         # augmentation of a clip does not depend on which branches earlier draws took.
         do_flip = bool(torch.rand((), generator=g) < 0.5)
@@ -194,14 +204,27 @@ class TrainTransform:
         s = _uniform(g, max(0.0, 1 - self.saturation), 1 + self.saturation)
         h = _uniform(g, -self.hue, self.hue)
         do_gray = bool(torch.rand((), generator=g) < self.grayscale_p)
-        if self.flip and do_flip:
+        return {"box": (top, left, ch, cw), "flip": self.flip and do_flip, "jitter": do_jitter, "order": order,
+                "factors": (b, c, s, h), "gray": do_gray}
+
+    def apply(self, clip: torch.Tensor, params: dict) -> torch.Tensor:
+        """The augmentation :meth:`sample` chose, on ``clip`` (uint8 ``(T, 3, H, W)``) on any device."""
+        _check_clip(clip)
+        top, left, ch, cw = params["box"]
+        x = _resize(clip[..., top:top + ch, left:left + cw], self.size, self.size)
+        if params["flip"]:
             x = x.flip(-1)
         x = _to_float(x)
-        if do_jitter:
-            x = _jitter(x, order, b, c, s, h)
-        if do_gray:
+        if params["jitter"]:
+            x = _jitter(x, params["order"], *params["factors"])
+        if params["gray"]:
             x = _gray(x).expand_as(x).contiguous()
         return normalize(x, self.mean, self.std)
+
+    def __call__(self, clip: torch.Tensor, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+        """Augment ``clip`` (uint8 ``(T, 3, H, W)``) with randomness from ``generator``."""
+        _check_clip(clip)
+        return self.apply(clip, self.sample(clip.shape[-2], clip.shape[-1], generator))
 
 
 class TestTransform:

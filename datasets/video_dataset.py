@@ -32,7 +32,7 @@ from .transforms import build_transform
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["VideoDataset", "load_video_clip", "failure_summary_line", "TEST_RULES"]
+__all__ = ["VideoDataset", "load_video_clip", "failure_summary_line", "TEST_RULES", "collate_deferred"]
 
 # The test-time rules (config ``eval.rules``): which frames (datasets.sampling) and which resize (datasets.transforms).
 # "published": exactly the published T2L test code; "centre": segment centres and torch's bilinear resize.
@@ -77,11 +77,19 @@ def _frame_count(source, listed: int) -> int:
     return n
 
 
+def _test_frames(source, n: int, num_frames: int, num_clips: int, frame_rule: str) -> torch.Tensor:
+    """The decoded frames of every test clip of one video, uint8 ``(C*T, 3, H, W)``, clip-major."""
+    idx = sample_indices(n, num_frames, "test", num_clips=num_clips, rule=frame_rule)  # (C, T)
+    return source.read(idx.reshape(-1))  # (C*T, 3, H, W), decoded once for all clips
+
+
 def _test_views(source, n: int, num_frames: int, num_clips: int, transform, frame_rule: str) -> torch.Tensor:
     """All test views of one video: ``(num_clips * num_crops, T, 3, S, S)``, clip-major."""
-    idx = sample_indices(n, num_frames, "test", num_clips=num_clips, rule=frame_rule)  # (C, T)
-    frames = source.read(idx.reshape(-1))  # (C*T, 3, H, W), decoded once for all clips
-    x = transform(frames)  # (C*T, 3, S, S) or (K, C*T, 3, S, S): the test transform is per frame
+    return _views(transform(_test_frames(source, n, num_frames, num_clips, frame_rule)), num_frames, num_clips)
+
+
+def _views(x: torch.Tensor, num_frames: int, num_clips: int) -> torch.Tensor:
+    """The test transform's output, (C*T, 3, S, S) or (K, C*T, 3, S, S), as views (C*K, T, 3, S, S)."""
     if x.dim() == 4:
         x = x.unsqueeze(0)
     K = x.shape[0]
@@ -111,6 +119,10 @@ class VideoDataset(Dataset):
             labels point at classes other than the ones its videos are named after is an error at construction
             (``datasets.lists.label_name_mismatches``); ``check_labels=False`` turns that check off.
         paths: :class:`~datasets.lists.PathRules` for the list's paths (published split files).
+        deferred: the loader only decodes: ``ds[i]["video"]`` is the uint8 frames, with the augmentation's random
+            choices in ``ds[i]["params"]`` (training), and :meth:`finish` applies the transform to a batch on the
+            device; batch with :meth:`collate` (the frames of a batch may differ in size). :meth:`finish` on the
+            CPU gives exactly what the loader would have. Not for the published test view (Pillow, CPU only).
         train_sampling: ``"segments"``: one random frame per segment (TSN); ``"test"``: the test-time frames of
             ``test_rules`` every epoch (what the published base-to-novel and few-shot configs train with, their
             ``random_shift: False``); the augmentation stays random either way.
@@ -129,7 +141,7 @@ class VideoDataset(Dataset):
                  test_rules: str = "published", class_names: Optional[List[str]] = None,
                  classes_source: str = "the class list", check_labels: bool = True,
                  paths: Optional[PathRules] = None, train_sampling: str = "segments",
-                 allow_outside_root: bool = False):
+                 allow_outside_root: bool = False, deferred: bool = False):
         if mode not in ("train", "test"):
             raise ValueError(f"mode must be 'train' or 'test', got {mode!r}")
         if on_error not in ("skip", "raise"):
@@ -165,6 +177,10 @@ class VideoDataset(Dataset):
         # own copies of the dataset) see set_epoch() too.
         self._epoch = torch.zeros((), dtype=torch.int64).share_memory_()
         self.test_rules = _rules(test_rules)
+        if deferred and mode == "test" and self.test_rules["resize"] == "pil_bicubic":
+            raise ValueError("the published test view resizes every frame with Pillow, on the CPU: it cannot be "
+                             "moved to the device (use eval.rules: centre, or transform in the loader)")
+        self.deferred = bool(deferred)
         if mode == "test":
             self.transform = build_transform("test", self.input_size, num_crops=self.num_crops,
                                              resize=self.test_rules["resize"])
@@ -203,14 +219,17 @@ class VideoDataset(Dataset):
         source = open_source(rec.path, self.image_tmpl, self.index_start)
         n = _frame_count(source, rec.num_frames)
         if self.mode == "test":
-            return _test_views(source, n, self.num_frames, self.num_clips, self.transform,
-                               self.test_rules["frames"])
+            frames = _test_frames(source, n, self.num_frames, self.num_clips, self.test_rules["frames"])
+            return frames if self.deferred else _views(self.transform(frames), self.num_frames, self.num_clips)
         np_rng, torch_gen = self._generators(index)
         if self.train_sampling == "test":
             idx = sample_indices(n, self.num_frames, "test", rule=self.test_rules["frames"])[0]
         else:
             idx = sample_indices(n, self.num_frames, "train", rng=np_rng)
-        return self.transform(source.read(idx), torch_gen)
+        frames = source.read(idx)
+        if self.deferred:  # the same draws, in the same order, as the transform makes when it runs here
+            return frames, self.transform.sample(frames.shape[-2], frames.shape[-1], torch_gen)
+        return self.transform(frames, torch_gen)
 
     def __getitem__(self, index: int) -> Dict[str, object]:
         if index < 0:
@@ -237,8 +256,36 @@ class VideoDataset(Dataset):
                         f"image_tmpl/index_start") from e
                 current = (current + 1) % len(self)
         label = self.records[current].label
+        params = None
+        if self.deferred and self.mode == "train":
+            video, params = video
+        if self.deferred:
+            return {"video": video, "params": params, "label": -1 if label is None else label, "index": current,
+                    "failed": failed}
         return {"video": video, "label": -1 if label is None else label, "index": current,
                 "failed": failed}
+
+    @property
+    def collate(self):
+        """The DataLoader ``collate_fn`` for this dataset: None (the default stacking) unless deferred."""
+        return collate_deferred if self.deferred else None
+
+    def finish(self, batch: dict, device: torch.device) -> torch.Tensor:
+        """The batch's videos on ``device``, float32: (B, T, 3, S, S) in training, (B, V, T, 3, S, S) in testing.
+
+        Without ``deferred`` this only moves the loader's output. With it, every clip's uint8 frames go to the
+        device and the transform runs there (per clip: the clips of a batch may differ in size and augmentation).
+        """
+        if not self.deferred:
+            return batch["video"].to(device, non_blocking=True)
+        out = []
+        for frames, params in zip(batch["video"], batch["params"]):
+            x = frames.to(device, non_blocking=True)
+            if self.mode == "train":
+                out.append(self.transform.apply(x, params))
+            else:
+                out.append(_views(self.transform(x), self.num_frames, self.num_clips))
+        return torch.stack(out)
 
     def failure_summary(self) -> Dict[str, object]:
         """Failures seen by this process: ``{"count": int, "files": {path: reason}}``.
@@ -252,6 +299,13 @@ class VideoDataset(Dataset):
     def reset_failures(self) -> None:
         """Forget the failures recorded so far (e.g. at the start of an epoch)."""
         self._failures.clear()
+
+
+def collate_deferred(items: List[dict]) -> dict:
+    """Batch the samples of a deferred dataset: frames and augmentation choices as lists, the rest stacked."""
+    return {"video": [it["video"] for it in items], "params": [it["params"] for it in items],
+            "label": torch.tensor([it["label"] for it in items]), "index": torch.tensor([it["index"] for it in items]),
+            "failed": torch.tensor([it["failed"] for it in items])}
 
 
 def failure_summary_line(num_failed: int, num_samples: int, name: str = "") -> str:

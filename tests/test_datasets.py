@@ -569,3 +569,29 @@ def test_train_transform_without_jitter_is_crop_then_resize():
                            for f in clip])
         diff = ((out - ref) * torch.tensor(CLIP_STD).view(3, 1, 1)).abs()
         assert diff.max() < 2.0 / 255, (seed, diff.max())
+
+
+# ----------------------------------------------------------------------------- the loader only decodes
+def test_deferred_transform_gives_exactly_the_loaders_clips_on_the_cpu(tmp_path):
+    """data.transform_on: device: the workers decode and draw the augmentation, the batch is transformed where the
+    model runs. On the CPU that must be exactly the clips the loader makes itself, in training (with jitter, flips,
+    greyscale, clips of other sizes in one batch) and in testing under the centre rules (three clips, three crops)."""
+    big, small = write_frames(tmp_path / "big"), write_frames(tmp_path / "small")
+    # another frame size in the same batch
+    from PIL import Image as _Image
+    for f in sorted(os.listdir(small)):
+        _Image.open(os.path.join(small, f)).resize((40, 30)).save(os.path.join(small, f))
+    lst = write_list(tmp_path / "l.txt", [f"{big} {NFRAMES} 1", f"{small} {NFRAMES} 2"] * 6)
+    for mode, extra in (("train", {}), ("test", {"num_clips": 3, "num_crops": 3, "test_rules": "centre"})):
+        plain = VideoDataset(lst, num_frames=8, mode=mode, input_size=32, seed=4, **extra)
+        deferred = VideoDataset(lst, num_frames=8, mode=mode, input_size=32, seed=4, deferred=True, **extra)
+        for epoch in (0, 3):
+            plain.set_epoch(epoch)
+            deferred.set_epoch(epoch)
+            a = next(iter(DataLoader(plain, batch_size=12, num_workers=0)))
+            b = next(iter(DataLoader(deferred, batch_size=12, num_workers=2, collate_fn=deferred.collate)))
+            assert b["video"][0].dtype == torch.uint8 and {v.shape[-1] for v in b["video"]} == {W, 40}
+            assert torch.equal(plain.finish(a, torch.device("cpu")), deferred.finish(b, torch.device("cpu"))), mode
+            assert torch.equal(a["label"], b["label"]) and torch.equal(a["index"], b["index"])
+    with pytest.raises(ValueError, match="Pillow, on the CPU"):
+        VideoDataset(lst, num_frames=8, mode="test", input_size=32, deferred=True)  # the published test view

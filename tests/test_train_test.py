@@ -252,3 +252,23 @@ def test_compile_flag_compiles_both_encoders_and_changes_no_score(run_two_epochs
                                 ["--compile", "reduce-overhead", "--no-resume"])
     assert calls == [("encode_video", "reduce-overhead"), ("encode_text", "reduce-overhead")]
     assert summary["steps"] == 16 // 4
+
+
+def test_the_transform_on_the_device_trains_and_tests_exactly_as_in_the_loader(demo, tmp_path):
+    """data.transform_on: device (the loader only decodes) on the CPU: the same trained weights and the same scores as
+    the transform in the loader workers."""
+    import numpy as np
+
+    runs = {}
+    for where in ("loader", "device"):
+        out = tmp_path / where
+        train_script.main(train_args(demo, out, "solver.epochs=1", "eval.every=0", "data.num_workers=1",
+                                     f"data.transform_on={where}") + ["--no-resume"])
+        runs[where] = trained(out)
+        test_script.main(["--config", "configs/demo/demo_test.yaml", "--weights", str(out / "last.pt"), "--opts",
+                          *TINY_OPTS, *data_opts(demo, out / "test"), "eval.rules=centre", f"data.transform_on={where}"])
+    for name, tensor in runs["loader"]["model"].items():
+        assert torch.equal(tensor, runs["device"]["model"][name]), name
+    a = np.load(tmp_path / "loader" / "test" / "scores_demo_val_val.npz")["scores"]
+    b = np.load(tmp_path / "device" / "test" / "scores_demo_val_val.npz")["scores"]
+    assert np.array_equal(a, b)

@@ -80,6 +80,10 @@ class DataSection:
     num_workers: int = 8
     on_error: str = "skip"                # skip | raise
     train_sampling: str = "segments"      # segments: a random frame per segment | test: the test-time frames
+    # Where the clip transform runs: loader (the DataLoader workers) | device (the workers only decode; the batch is
+    # cropped, resized, flipped, jittered and normalised on the device) | auto (device on a GPU, else loader). The
+    # published test view (Pillow bicubic) always runs in the loader.
+    transform_on: str = "auto"
     paths: PathsSection = field(default_factory=PathsSection)  # for train_list
     check_labels: bool = True             # refuse lists whose labels point at classes their videos are not named after
     allow_outside_root: bool = False      # list paths may lead outside their root (.., links): data and eval sets
@@ -188,6 +192,7 @@ _CHOICES = {
     ("eval", "rules"): ("published", "centre"),
     ("data", "missing_descriptions"): ("error", "template"),
     ("data", "train_sampling"): ("segments", "test"),
+    ("data", "transform_on"): ("auto", "loader", "device"),
     ("solver", "precision"): ("auto", "fp32", "bf16", "fp16", "fp16-pure"),
     ("network", "t2l", "temporal_tokens"): ("deep", "shallow", "none"),
     ("network", "t2l", "drop_path_mode"): ("positions", "samples"),
