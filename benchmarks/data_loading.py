@@ -8,6 +8,7 @@ Examples:
     python benchmarks/data_loading.py                          # 64 videos x 300 frames, 320x240
     python benchmarks/data_loading.py --workers 0,4,8,16 --mode test
     python benchmarks/data_loading.py --videos 16 --frames 120 --keep-data bench_data
+    python benchmarks/data_loading.py --sources frames --transform-on loader,device --workers 1,2   # issue 19
 """
 
 from __future__ import annotations
@@ -96,18 +97,36 @@ def make_data(root: str, videos: int, frames: int, width: int, height: int, code
 
 
 def time_loader(dataset: VideoDataset, workers: int, batch_size: int, passes: int) -> float:
-    """Clips per second over ``passes`` timed passes, after one untimed warm-up pass."""
+    """Clips per second over ``passes`` timed passes, after one untimed warm-up pass.
+
+    Only the loader is timed: what the main process does with a batch is nothing here, so with the transform on
+    the device (``dataset.deferred``) this is the rate of decoding alone, what a GPU would be fed at.
+    """
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=True, num_workers=workers,
-                        persistent_workers=workers > 0, generator=torch.Generator().manual_seed(0))
+                        persistent_workers=workers > 0, generator=torch.Generator().manual_seed(0),
+                        collate_fn=dataset.collate)
     clips, elapsed = 0, 0.0
     for p in range(passes + 1):
         dataset.set_epoch(p)
         start = time.perf_counter()
-        n = sum(batch["video"].shape[0] for batch in loader)
+        n = sum(len(batch["video"]) for batch in loader)
         if p > 0:  # pass 0 warms the page cache and starts the workers
             clips += n
             elapsed += time.perf_counter() - start
     return clips / elapsed
+
+
+def time_device_half(dataset: VideoDataset, batch_size: int, batches: int = 4) -> float:
+    """Milliseconds per clip of ``dataset.finish`` (the transform of a deferred batch) on the CPU."""
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=0, collate_fn=dataset.collate)
+    it = iter(loader)
+    batch_list = [next(it) for _ in range(min(batches, len(loader)))]
+    dataset.finish(batch_list[0], torch.device("cpu"))  # warm-up
+    start = time.perf_counter()
+    clips = 0
+    for batch in batch_list:
+        clips += dataset.finish(batch, torch.device("cpu")).shape[0]
+    return 1000 * (time.perf_counter() - start) / clips
 
 
 def parse_workers(text: str, cpus: int):
@@ -141,6 +160,11 @@ def main(argv=None):
     parser.add_argument("--workers", default="0,1,2,N",
                         help="comma-separated DataLoader worker counts; N = all CPUs (default 0,1,2,N)")
     parser.add_argument("--passes", type=int, default=2, help="timed passes per setting (default 2)")
+    parser.add_argument("--transform-on", default="loader",
+                        help="comma-separated: loader (the workers decode and transform, the path before issue 19) "
+                             "and/or device (the workers only decode; the transform's cost on this CPU is timed "
+                             "separately) (default loader)")
+    parser.add_argument("--sources", default="frames,videos", help="comma-separated: frames, videos")
     parser.add_argument("--keep-data", default=None,
                         help="write the synthetic data here and keep it, or reuse what an earlier run "
                              "left there (default: a temp folder, removed)")
@@ -161,12 +185,17 @@ def main(argv=None):
             lists = existing
         else:
             lists = make_data(root, args.videos, args.frames, args.width, args.height, args.codec, args.gop)
-        rows = []
-        for source in ("frames", "videos"):
-            ds = VideoDataset(lists[source], root=root, num_frames=args.num_frames, mode=args.mode,
-                              input_size=args.input_size, on_error="raise")
-            for w in tqdm(workers, desc=f"timing {source}", unit="setting"):
-                rows.append((source, w, time_loader(ds, w, args.batch_size, args.passes)))
+        rows, device_half = [], {}
+        places = [p.strip() for p in args.transform_on.split(",") if p.strip()]
+        for source in [x.strip() for x in args.sources.split(",") if x.strip()]:
+            for place in places:
+                ds = VideoDataset(lists[source], root=root, num_frames=args.num_frames, mode=args.mode,
+                                  input_size=args.input_size, on_error="raise", deferred=place == "device",
+                                  test_rules="centre" if place == "device" else "published")
+                for w in tqdm(workers, desc=f"timing {source}, transform in the {place}", unit="setting"):
+                    rows.append((source, place, w, time_loader(ds, w, args.batch_size, args.passes)))
+                if place == "device":
+                    device_half[source] = time_device_half(ds, args.batch_size)
     finally:
         if args.keep_data is None:
             shutil.rmtree(root, ignore_errors=True)
@@ -177,11 +206,14 @@ def main(argv=None):
           f"({platform.processor() or platform.machine()}); torch {torch.__version__}; "
           f"main-process torch threads (workers=0): {torch.get_num_threads()}; "
           f"keyframe interval: {args.gop or 'codec default'}\n")
-    print("| source | DataLoader workers | clips/s | frames/s |")
-    print("| --- | ---: | ---: | ---: |")
-    for source, w, rate in rows:
+    print("| source | transform in | DataLoader workers | clips/s | clips/s per loader core | frames/s |")
+    print("| --- | --- | ---: | ---: | ---: | ---: |")
+    for source, place, w, rate in rows:
         label = "frame folders (JPEG)" if source == "frames" else f"video files ({args.codec} mp4)"
-        print(f"| {label} | {w} | {rate:.1f} | {rate * args.num_frames:.0f} |")
+        print(f"| {label} | {place} | {w} | {rate:.1f} | {rate / max(w, 1):.1f} | {rate * args.num_frames:.0f} |")
+    for source, ms in device_half.items():
+        print(f"\nthe device half on this CPU ({source}, {args.mode}, main process, "
+              f"{torch.get_num_threads()} thread(s)): {ms:.1f} ms per clip")
 
 
 if __name__ == "__main__":

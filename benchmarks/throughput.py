@@ -16,7 +16,12 @@ Contenders (``--contenders``, default all):
   train       one T2L training step: forward (video + text) + T2L loss + backward + AdamW on the trainable tensors
   train-ckpt  the same with activation checkpointing
   loader      frames on disk -> batch on the device: a DataLoader over datasets.VideoDataset (train mode) on
-              generated frame folders, one full pass per repetition
+              generated frame folders, one full pass per repetition; the workers decode and transform
+  loader-device   the same with the transform on the device (data.transform_on: device): the workers only
+              decode, ``VideoDataset.finish`` crops, resizes, jitters and normalises each batch where the model is
+  test-e2e    test.py's own evaluation loop (engine.score_dataset) on generated frame folders: loading, the test
+              view (``--test-rules``; the centre rules' bilinear view runs on a GPU, the published Pillow view in
+              the workers), T2L and the class scores, videos/s, next to the model-only t2l rate
 ``--compile`` adds torch.compile'd floor, t2l and train contenders (compile time is reported separately).
 
 Peak memory: on CUDA, ``torch.cuda.max_memory_allocated`` after a reset; on CPU, the resident-set high-water
@@ -82,7 +87,8 @@ SIZES = {
                      context_length=77, vocab_size=49408, transformer_width=512, transformer_heads=8,
                      transformer_layers=12, vision_heads=12),
 }
-CONTENDERS = ("floor", "t2l", "xclip", "t2l-classify", "xclip-classify", "train", "train-ckpt", "loader")
+CONTENDERS = ("floor", "t2l", "xclip", "t2l-classify", "xclip-classify", "train", "train-ckpt", "loader",
+              "loader-device", "test-e2e")
 COLUMNS = ("contender", "batch", "median", "unit", "min-max", "IQR", "per CPU-s", "peak MiB", "working MiB",
            "vs floor", "vs X-CLIP")
 
@@ -358,29 +364,49 @@ def build_contenders(args, device: torch.device, data_root: str) -> list[Contend
                 (", torch.compile" if compiled else "")
         out.append(Contender(name, label, "train", step, TB, resident))
 
-    if "loader" in wanted:
-        w, h = (args.frame_width, args.frame_height)
+    w, h = (args.frame_width, args.frame_height)
+    list_file = None
+    if {"loader", "loader-device", "test-e2e"} & set(wanted):
         list_file = write_frame_folders(data_root, args.loader_videos, args.source_frames, w, h)
+    workers = args.workers
+    for name in ("loader", "loader-device"):
+        if name not in wanted:
+            continue
         dataset = VideoDataset(list_file, root=data_root, num_frames=T, mode="train", input_size=R,
-                               on_error="raise")
-        workers = args.workers
+                               on_error="raise", deferred=name == "loader-device")
         loader = DataLoader(dataset, batch_size=TB, shuffle=True, num_workers=workers,
                             pin_memory=device.type == "cuda", drop_last=True, persistent_workers=workers > 0,
-                            prefetch_factor=4 if workers > 0 else None,
+                            prefetch_factor=4 if workers > 0 else None, collate_fn=dataset.collate,
                             generator=torch.Generator().manual_seed(0))
-        epoch = [0]
 
-        def one_pass():
+        def one_pass(dataset=dataset, loader=loader, epoch=[0]):
             epoch[0] += 1
             dataset.set_epoch(epoch[0])
             for batch in loader:
-                batch["video"].to(device, non_blocking=True)
+                dataset.finish(batch, device)
                 batch["label"].to(device, non_blocking=True)
+            synchronize(device)
 
         clips = (len(dataset) // TB) * TB
-        out.append(Contender("loader", f"DataLoader over VideoDataset, {workers} workers "
-                                       f"(frames {w}x{h} JPEG -> {T}x{R}px, train mode)", "load", one_pass, clips,
+        where = "workers decode, the device transforms" if name == "loader-device" else "workers decode and transform"
+        out.append(Contender(name, f"DataLoader over VideoDataset, {workers} workers, {where} "
+                                   f"(frames {w}x{h} JPEG -> {T}x{R}px, train mode)", "load", one_pass, clips,
                              calls=1, workers=workers))
+    if "test-e2e" in wanted:
+        deferred = args.test_rules == "centre" and device.type == "cuda"  # engine.transform_on_device's "auto"
+        test_set = VideoDataset(list_file, root=data_root, num_frames=T, mode="test", input_size=R,
+                                on_error="raise", test_rules=args.test_rules, deferred=deferred)
+        with torch.inference_mode(), ac():
+            cached = F.normalize(t2l.encode_text(class_tokens).float(), dim=-1).unsqueeze(0)  # (1, K, E)
+
+        def evaluate():
+            with torch.inference_mode():
+                engine.score_dataset(t2l, test_set, cached, device, B, workers, args.precision,
+                                     rules=args.test_rules, desc="test-e2e")
+
+        out.append(Contender("test-e2e", f"test.py's evaluation loop ({args.test_rules} rules, {workers} workers, "
+                                         f"frames {w}x{h} JPEG, {K} classes)", "infer", evaluate, len(test_set),
+                             t2l_video_bytes, calls=1, workers=workers))
     return out
 
 
@@ -532,6 +558,8 @@ def parse_args(argv=None):
                         help="autocast dtype (weights stay fp32, as in training); default fp32")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                         help="cpu, cuda or cuda:N (default: cuda when available)")
+    parser.add_argument("--test-rules", default="published", choices=("published", "centre"),
+                        help="test view of the test-e2e contender (eval.rules; default published)")
     parser.add_argument("--contenders", default=",".join(CONTENDERS),
                         help=f"comma-separated subset of {','.join(CONTENDERS)} (default all)")
     parser.add_argument("--classes", type=int, default=400,
