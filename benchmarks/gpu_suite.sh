@@ -4,7 +4,8 @@
 # 1. tests/test_cuda.py: fused SDPA kernels, bf16/fp16 against fp32, train.py/test.py on the GPU;
 # 2. ViT-B/16, 8 frames, bf16: inference batch 32 (twice, for reproducibility) and 64, training batch 32 (twice)
 #    and 64, with and without activation checkpointing, and the data loader at batch 32;
-# 3. the torch.compile'd floor and T2L at batch 32 (compilation time reported).
+# 3. the torch.compile'd floor and T2L at batch 32 (compilation time reported);
+# 4. the end-to-end pipeline: loader with the transform in the workers or on the GPU, test.py's evaluation loop.
 # Everything printed goes to OUT_DIR/suite.log as well; every benchmark run also writes OUT_DIR/<run>.json.
 set -u -o pipefail
 OUT_DIR=${1:-benchmark_out}
@@ -25,4 +26,10 @@ $PY benchmarks/throughput.py "${common[@]}" --batch 64 --train-batch 64 \
     --json "$OUT_DIR/b16_bs64.json" || status=1
 timeout 150 $PY benchmarks/throughput.py "${common[@]}" --batch 32 --contenders floor,t2l --compile \
     --json "$OUT_DIR/b16_bs32_compile.json" || status=1
+# 4. issue 19: the data pipeline with the transform in the workers and on the GPU, and test.py's evaluation loop from
+#    frame folders (both test rules) next to the model-only rate, 16 loader workers.
+for rules in published centre; do
+  $PY benchmarks/throughput.py "${common[@]}" --batch 32 --train-batch 32 --workers 16 --test-rules $rules \
+      --contenders t2l,loader,loader-device,test-e2e --json "$OUT_DIR/b16_e2e_$rules.json" || status=1
+done
 exit $status

@@ -161,3 +161,34 @@ def test_train_and_test_scripts_run_on_the_gpu(tmp_path, precision, monkeypatch)
                       "--opts", f"output_dir={tmp_path / 'test'}", *opts])
     entry = json.loads((tmp_path / "test" / "results.json").read_text())["results"]["val"]
     assert entry["num_videos"] == 16 and 0 <= entry["top1"] <= 100
+
+
+def test_the_transform_on_the_gpu_gives_the_cpu_pipelines_embeddings(b16, tmp_path):
+    """data.transform_on: device on a GPU: the workers only decode, the augmentation and the test view run on the GPU
+    (in float, not rounded to grey levels). Embeddings stay within bf16 tolerance of the CPU pipeline's."""
+    from datasets import VideoDataset
+
+    model = b16[0]
+    rng = np.random.default_rng(0)
+    lines = []
+    for v in range(4):
+        folder = tmp_path / f"v{v}"
+        folder.mkdir()
+        base = rng.integers(0, 256, (30, 40, 3), dtype=np.uint8)
+        for k in range(12):
+            Image.fromarray(np.roll(base, k, axis=1)).resize((320, 240)).save(folder / f"img_{k + 1:05d}.jpg")
+        lines.append(f"{folder} 12 {v}")
+    lst = tmp_path / "list.txt"
+    lst.write_text("\n".join(lines) + "\n")
+    dev = torch.device("cuda")
+    for mode, rules in (("train", "published"), ("test", "centre")):
+        cpu = VideoDataset(str(lst), num_frames=8, mode=mode, input_size=224, seed=3, test_rules=rules)
+        gpu = VideoDataset(str(lst), num_frames=8, mode=mode, input_size=224, seed=3, test_rules=rules, deferred=True)
+        a = cpu.finish(cpu.collate([cpu[i] for i in range(4)]) if cpu.collate else
+                       torch.utils.data.default_collate([cpu[i] for i in range(4)]), dev)
+        b = gpu.finish(gpu.collate([gpu[i] for i in range(4)]), dev)
+        assert (a - b).abs().max() < 2.5 / 255 / 0.26  # within a few grey levels, in normalised units
+        with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+            ea = model.encode_video(a.flatten(0, 1) if a.dim() == 6 else a)[0]
+            eb = model.encode_video(b.flatten(0, 1) if b.dim() == 6 else b)[0]
+        assert cosine(ea, eb).min() > 0.999, mode
