@@ -97,7 +97,16 @@ def all_gather_objects(obj):
 
 
 def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
+    return _all_reduce(x, "SUM")
+
+
+def all_reduce_max(x: torch.Tensor) -> torch.Tensor:
+    """The element-wise maximum over the ranks (a flag any rank raised); single process: ``x``."""
+    return _all_reduce(x, "MAX")
+
+
+def _all_reduce(x: torch.Tensor, op: str) -> torch.Tensor:
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         x = x.clone()
-        dist.all_reduce(x)
+        dist.all_reduce(x, op=getattr(dist.ReduceOp, op))
     return x
