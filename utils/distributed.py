@@ -51,7 +51,16 @@ def setup(device: str = "auto") -> DistInfo:
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
     if not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo")
+        backend = "nccl" if dev.type == "cuda" else "gloo"
+        attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT")
+        if attempt is None:
+            dist.init_process_group(backend=backend)
+        else:
+            # torchrun's workers share its store, which outlives a restart (--max-restarts): without a prefix of
+            # their own, a restarted group reads the addresses the killed attempt left there and cannot connect.
+            store, _, _ = next(dist.rendezvous("env://"))
+            dist.init_process_group(backend=backend, store=dist.PrefixStore(f"t2l/attempt_{attempt}", store),
+                                    rank=rank, world_size=world_size)
     return DistInfo(rank=rank, local_rank=local_rank, world_size=world_size, device=dev)
 
 
