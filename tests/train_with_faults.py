@@ -1,63 +1,89 @@
-"""``train.py`` with faults injected at chosen points, for tests that launch it like train.py (``torchrun``, Python).
+"""``train.py`` with signals sent at chosen training steps: for tests, run as train.py is run (``torchrun``, python).
 
-``T2L_TEST_FAULTS="<attempt>:<rank>:<call>:<SIGNAL>,..."``: in launcher attempt ``<attempt>`` (torchrun's
-``TORCHELASTIC_RESTART_COUNT``, 0 for the first), rank ``<rank>`` sends itself ``<SIGNAL>`` (``SIGTERM``,
-``SIGUSR1``, ``SIGKILL``) during its ``<call>``-th loss computation (1-based, counted in that process), i.e. in the
-middle of a training step. Before it does, it appends ``{"attempt", "rank", "signal", "steps_done"}`` to the JSON-lines
-file ``T2L_TEST_FAULT_LOG``: ``steps_done`` is the optimiser steps the run had finished (the lr schedule's position),
-which the test compares with the step of the checkpoint the next attempt resumes from, to measure the work lost.
+``T2L_TEST_FAULTS="<attempt>:<rank>:<call>:<SIGNAL>[:group],..."``: in launcher attempt ``<attempt>`` (torchrun's
+``TORCHELASTIC_RESTART_COUNT``, 0 for the first), rank ``<rank>`` sends ``<SIGNAL>`` (``SIGTERM``, ``SIGUSR1``,
+``SIGKILL``) to itself, or with ``:group`` to its whole process group (its DataLoader workers too, as a cluster
+does), during its ``<call>``-th loss computation (1-based, counted in that process), i.e. in the middle of a training
+step. First it appends ``{"attempt", "rank", "signal", "steps_done"}`` to the JSON-lines file
+``T2L_TEST_FAULT_LOG``: ``steps_done`` is the optimiser steps finished so far (the lr schedule's position), which a
+test compares with the step of the checkpoint the next run resumes from, to measure the work lost.
 
-Everything else is train.py's command line and behaviour, exit status included (75 after a stop signal).
+Everything else is train.py's command line and behaviour, its exit status included (75 after a stop signal).
+Tests in the same process use :func:`arm` directly.
 """
+from __future__ import annotations
+
 import json
 import os
 import runpy
 import signal
 import sys
 from pathlib import Path
+from typing import Callable, Optional
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
 
 from modules import losses  # noqa: E402
 from utils import schedule  # noqa: E402
 
 
-def arm() -> None:
-    attempt = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
-    rank = int(os.environ.get("RANK", "0"))
-    plan = {}
-    for item in filter(None, os.environ.get("T2L_TEST_FAULTS", "").split(",")):
-        a, r, call, sig = item.split(":")
-        if int(a) == attempt and int(r) == rank:
-            plan[int(call)] = getattr(signal, sig)
-    if not plan:
-        return
+def arm(plan: dict, log: Optional[str] = None, records: Optional[list] = None,
+        who: Optional[dict] = None) -> Callable[[], None]:
+    """Send ``plan[n] = (signal, to_group)`` during the n-th loss computation from now on; returns the undo.
+
+    Each firing is appended to ``records`` and to the file ``log`` (``who`` is merged into the record).
+    """
     schedules = []
-    init = schedule.WarmupCosine.__init__
+    init, forward = schedule.WarmupCosine.__init__, losses.T2LLoss.forward
+    calls = [0]
 
     def remembering_init(self, *args, **kwargs):
         init(self, *args, **kwargs)
         schedules.append(self)
-    schedule.WarmupCosine.__init__ = remembering_init
-    forward = losses.T2LLoss.forward
-    calls = [0]
 
     def faulty_forward(self, *args, **kwargs):
         calls[0] += 1
-        sig = plan.get(calls[0])
-        if sig is not None:
-            with open(os.environ["T2L_TEST_FAULT_LOG"], "a") as f:
-                f.write(json.dumps({"attempt": attempt, "rank": rank, "signal": sig.name,
-                                    "steps_done": schedules[-1].last_step}) + "\n")
-                f.flush()
-                os.fsync(f.fileno())
-            os.kill(os.getpid(), sig)
+        if calls[0] in plan:
+            sig, to_group = plan[calls[0]]
+            record = {**(who or {}), "signal": sig.name, "call": calls[0],
+                      "steps_done": schedules[-1].last_step if schedules else None}
+            if records is not None:
+                records.append(record)
+            if log:
+                with open(log, "a") as f:
+                    f.write(json.dumps(record) + "\n")
+                    f.flush()
+                    os.fsync(f.fileno())
+            if to_group:
+                os.killpg(os.getpgid(0), sig)
+            else:
+                os.kill(os.getpid(), sig)
         return forward(self, *args, **kwargs)
+
+    schedule.WarmupCosine.__init__ = remembering_init
     losses.T2LLoss.forward = faulty_forward
+
+    def undo() -> None:
+        schedule.WarmupCosine.__init__, losses.T2LLoss.forward = init, forward
+    return undo
+
+
+def plan_from_env() -> tuple[dict, dict]:
+    """(plan for :func:`arm`, who this process is) from ``T2L_TEST_FAULTS`` and torchrun's variables."""
+    who = {"attempt": int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")), "rank": int(os.environ.get("RANK", "0"))}
+    plan = {}
+    for item in filter(None, os.environ.get("T2L_TEST_FAULTS", "").split(",")):
+        attempt, rank, call, sig, *group = item.split(":")
+        if (int(attempt), int(rank)) == (who["attempt"], who["rank"]):
+            plan[int(call)] = (getattr(signal, sig), group == ["group"])
+    return plan, who
 
 
 if __name__ == "__main__":
-    arm()
+    plan, who = plan_from_env()
+    if plan:
+        arm(plan, log=os.environ.get("T2L_TEST_FAULT_LOG"), who=who)
     sys.argv[0] = str(ROOT / "train.py")
     runpy.run_path(sys.argv[0], run_name="__main__")  # train.py's own command line, exit statuses included
