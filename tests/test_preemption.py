@@ -21,7 +21,7 @@ import pytest
 import torch
 
 import train as train_script
-import train_with_faults
+import with_faults
 from datasets.samplers import ResumableDistributedSampler
 from utils.checkpoint import safe_load
 from utils.preemption import EXIT_REQUEUE, CheckpointClock, StopSignals
@@ -58,7 +58,7 @@ def progress(out: Path) -> int:
 def stopped_run(argv, plan: dict) -> list:
     """train.main(argv) with signals sent at chosen loss calls (in this process); returns what fired."""
     records = []
-    undo = train_with_faults.arm(plan, records=records)
+    undo = with_faults.arm(plan, records=records)
     try:
         with pytest.raises(train_script.Preempted):
             train_script.main(argv)
@@ -217,7 +217,7 @@ def test_the_command_line_exits_75_on_sigterm_to_its_process_group_and_the_rerun
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "T2L_TEST_FAULTS": "0:0:6:SIGTERM:group",
            "T2L_TEST_FAULT_LOG": str(tmp_path / "faults.jsonl")}
     start = time.perf_counter()
-    proc = subprocess.run([sys.executable, "tests/train_with_faults.py", *train_args(demo, out, "data.num_workers=2")],
+    proc = subprocess.run([sys.executable, "tests/with_faults.py", "train.py", *train_args(demo, out, "data.num_workers=2")],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=300, start_new_session=True)
     seconds = time.perf_counter() - start
     assert proc.returncode == EXIT_REQUEUE, proc.stderr[-3000:]

@@ -172,7 +172,7 @@ def test_torchrun_restarts_after_a_signalled_rank_and_a_killed_rank_end_as_the_u
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "T2L_TEST_FAULT_LOG": str(faults),
            "T2L_TEST_FAULTS": "0:0:2:SIGTERM,1:1:2:SIGKILL"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "--max-restarts",
-           "2", "tests/train_with_faults.py", *train_args(demo, out, *TORCHRUN_OPTS, "checkpoint.every_steps=2")]
+           "2", "tests/with_faults.py", "train.py", *train_args(demo, out, *TORCHRUN_OPTS, "checkpoint.every_steps=2")]
     done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-4000:]
     assert "exitcode: 75" in done.stderr and "exitcode: -9" in done.stderr  # both faults happened, then restarts
