@@ -17,6 +17,7 @@ agree (:meth:`CheckpointClock.decide`): each rank sees its own signal and clock,
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import threading
 import time
@@ -53,14 +54,18 @@ class StopSignals:
         self.signals = tuple(signals)
         self.received: Optional[int] = None
         self._previous: dict = {}
+        self._pid = os.getpid()
 
     def _handler(self, signum, frame) -> None:
+        if os.getpid() != self._pid:  # a forked child (an evaluation DataLoader worker): the run is the parent's
+            return
         if self.received is None:
             logger.warning("%s received: the run writes a checkpoint at the next batch and stops",
                            signal_name(signum))
         self.received = signum
 
     def __enter__(self) -> "StopSignals":
+        self._pid = os.getpid()
         if threading.current_thread() is threading.main_thread():
             for s in self.signals:
                 self._previous[s] = signal.signal(s, self._handler)
