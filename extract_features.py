@@ -499,8 +499,9 @@ def wait_for_parts(out: Path, world_size: int, run_id: str, poll: float = 0.5) -
 
 
 def merge_parts(out: Path, entries: list, store: ShardStore, config_hash: str, args, run_id: str) -> dict:
-    """Rank 0, once every part of this run is done (:func:`wait_for_parts`): append the parts' rows to OUT's store in input order (whole
-    shards, as one process writes them), write failures.txt, and remove the parts. Returns the failures.
+    """Rank 0, once every part of this run is done (:func:`wait_for_parts`): append the parts' rows to OUT's store in
+    input order (whole shards, as one process writes them), write failures.txt, and remove the parts. Returns the
+    failures.
 
     A kill during the merge loses nothing: the parts are removed only once OUT's manifest holds their rows, and a
     rerun merges what is left (rows already in OUT are not added twice).

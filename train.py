@@ -84,8 +84,8 @@ def check_training_checkpoint(ckpt, path) -> None:
     raise ValueError(f"{path} is not a training checkpoint of this project: expected format 't2l' with "
                      f"{', '.join(TRAINING_CHECKPOINT_KEYS)}, found {found}"
                      f"{' (missing ' + ', '.join(missing) + ')' if missing and keys else ''}. --resume takes the "
-                     f"last.pt (or mid_epoch.pt, best_*.pt, epoch_*.pt) that train.py writes; evaluate other T2L weights with "
-                     f"test.py --weights")
+                     f"last.pt (or mid_epoch.pt, best_*.pt, epoch_*.pt) that train.py writes; evaluate other T2L "
+                     f"weights with test.py --weights")
 
 
 # Settings a resumed run cannot change, and why: the checkpoint's tensors or optimiser state are made for them.
