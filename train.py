@@ -179,12 +179,12 @@ def resume_training(resume, cfg, model, optimizer, scheduler, scaler, steps_per_
         logger.info("resume: %s holds no loss-scaler state (trained without fp16 autocast); starting a fresh scale",
                     resume)
     start_epoch, step = int(ckpt["epoch"]) + 1, int(ckpt["step"])
-    position = ckpt.get("position")
-    if position is not None:
-        if int(position["epoch"]) != start_epoch:
-            raise ValueError(f"{resume} is inconsistent: it stands part-way through epoch {int(position['epoch']) + 1} "
+    place = ckpt.get("position")  # in the epoch, for a mid-epoch checkpoint
+    if place is not None:
+        if int(place["epoch"]) != start_epoch:
+            raise ValueError(f"{resume} is inconsistent: it stands part-way through epoch {int(place['epoch']) + 1} "
                              f"but records epoch {start_epoch} as the last one done; resume from last.pt instead")
-        check_layout(position["layout"], layout, resume)
+        check_layout(place["layout"], layout, resume)
 
     saved_sched = {"update_every": 1, "steps_per_epoch": 0, **ckpt["scheduler"]}  # states older than these keys
     ours = scheduler.settings()
@@ -214,7 +214,7 @@ def resume_training(resume, cfg, model, optimizer, scheduler, scaler, steps_per_
     return {"start_epoch": start_epoch, "step": step, "best": dict(ckpt.get("best", {})), "resumes": resumes,
             "nonfinite_total": int(ckpt.get("nonfinite_skipped", 0)),  # metrics.csv counts over the whole run
             "nonfinite_run": int(ckpt.get("nonfinite_run", 0)),  # so solver.max_nonfinite_steps counts across a resume
-            "rng": ckpt["rng"], "position": position}
+            "rng": ckpt["rng"], "position": place}
 
 
 # ---------------------------------------------------------------------------------------------- checkpoints
@@ -631,7 +631,8 @@ def train(cfg, args, dist_info, out: Path, stop: Optional[StopSignals] = None) -
         clock.written(step)
         logger.info("epoch %d done in %.1fs: loss %.4f (align %.4f, tfd %.4f)", epoch + 1, epoch_time,
                     row["loss"], row["align"], row["tfd"])
-        if clock.decide(step, False, stop is not None and stop.received is not None, dist_info)[1]:
+        if epoch + 1 < cfg.solver.epochs and clock.decide(step, False, stop is not None and stop.received is not None,
+                                                          dist_info)[1]:  # (after the last epoch: just finish)
             raise Preempted(f"stopped on {stop_reason(stop)} after epoch {epoch + 1} (step {step}); the state is in "
                             f"{out / LAST}", str(out / LAST))
     if wandb:

@@ -210,6 +210,22 @@ def test_a_mid_epoch_checkpoint_continues_only_with_its_data_layout(demo, tmp_pa
         train_script.main(train_args(demo, out, "eval.every=0", "data.batch_size=2"))
 
 
+def test_a_mid_epoch_resume_applies_a_changed_lr_from_where_it_stopped(demo, tmp_path):
+    from utils.schedule import WarmupCosine
+
+    out = tmp_path / "run"
+    opts = ("eval.every=0", "solver.epochs=1")
+    stopped_run(train_args(demo, out, *opts), {2: (signal.SIGTERM, "")})
+    old_lr = safe_load(out / "mid_epoch.pt")["config"]["solver"]["lr"]
+    train_script.main(train_args(demo, out, *opts, f"solver.lr={old_lr * 5}"))
+    last = safe_load(out / "last.pt")
+    assert last["resumes"] == [{"epoch": 0, "changes": {"solver.lr": [old_lr, old_lr * 5]}}]
+    assert last["step"] == BATCHES and last["scheduler"]["last_step"] == BATCHES  # continued at step 2, not 0
+    expect = WarmupCosine(torch.optim.SGD([torch.zeros(1)], lr=old_lr * 5), total_steps=BATCHES, warmup_steps=BATCHES)
+    assert last["scheduler"]["base_lrs"][0] == old_lr * 5
+    assert metrics_rows(out)[0]["lr"] == pytest.approx(expect.lr_at(BATCHES)[0])
+
+
 def test_dataloader_workers_survive_a_sigterm_to_the_process_group_and_prefetched_batches_are_redone(demo,
                                                                                                       reference,
                                                                                                       tmp_path):
