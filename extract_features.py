@@ -19,6 +19,12 @@ rerun first drops any shard without complete manifest lines (and any line whose 
 interrupted run is resumed by running the same command again: videos already in the manifest are skipped,
 failed videos are tried again. A rerun with another model or other settings into the same OUT is refused.
 Exit status: 0 all exported, 1 some videos could not be read (listed in failures.txt), 2 bad input.
+
+Several GPUs or machines: ``torchrun --nproc_per_node N extract_features.py ...`` (the same arguments). Each rank
+exports a contiguous part of the input (whole batches) into OUT/.parts/part-<rank>-of-<N>/, resumable by itself;
+rank 0 then merges the parts into the files above, which are byte-identical to a single-process export of the same
+inputs, and removes the parts. Rerunning the same command (with any number of ranks) resumes. Under torchrun the
+exit status is 0 once the export is complete, also with unreadable videos (torchrun would restart it otherwise).
 """
 from __future__ import annotations
 
@@ -27,12 +33,13 @@ import json
 import logging
 import os
 import re
+import shutil
 import sys
 import time
 from pathlib import Path
 from typing import Optional
 
-from utils.lock import FolderLock, FolderLockedError, exit_if_busy
+from utils.lock import FolderLockedError, exit_if_busy, lock_output_folder
 
 if __name__ == "__main__":  # an export into a busy folder stops here, not after the seconds torch takes to import
     exit_if_busy("extract_features", sys.argv[1:], folder_option="--out")
@@ -307,23 +314,17 @@ def check_or_write_config(out: Path, config: dict) -> None:
     atomic_write_text(path, json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
-def export_videos(args, encoder: VideoTextEncoder, out: Path) -> dict:
-    entries = read_video_entries(args)
-    extra = {**EXPORT_FORMAT, "mode": "videos", "per_frame": bool(args.per_frame)}
-    config_hash = encoder.config_hash(extra)
-    check_or_write_config(out, {**extra, "config_hash": config_hash, "model": encoder.identity,
-                                "settings": {**encoder.settings(), **extra}, "embed_dim": encoder.embed_dim})
-    store = ShardStore(out, args.shard_size, args.per_frame, key_field="path", config_hash=config_hash)
-    store.recover()
-    pending = [e for e in entries if e[0] not in store.done]
-    logger.info("%d videos in %s: %d already exported, %d to do", len(entries), args.input,
-                len(entries) - len(pending), len(pending))
-    base = {"model": encoder.describe(), "config_hash": config_hash}
+def encode_into(store: "ShardStore", pending: list, encoder: VideoTextEncoder, args, base: dict) -> tuple[dict, int]:
+    """Encode ``pending`` ((path, frames, label) in order) ``args.batch_size`` at a time into ``store``.
+
+    Returns (failures {path: reason}, videos exported). The store's last shard is flushed when all are done; an
+    interruption keeps the shards already written.
+    """
     failures: dict = {}
     loader = DataLoader(ExportVideos([(p, n) for p, n, _ in pending], encoder), batch_size=args.batch_size,
                         shuffle=False, num_workers=args.workers, collate_fn=collate,
                         pin_memory=encoder.device.type == "cuda", drop_last=False)
-    done_now, start = 0, time.perf_counter()
+    done_now = 0
     bar = tqdm(total=len(pending), desc="videos", unit="video", disable=args.no_progress, dynamic_ncols=True)
     try:
         for batch in loader:
@@ -346,19 +347,209 @@ def export_videos(args, encoder: VideoTextEncoder, out: Path) -> dict:
         store.flush()
     finally:
         bar.close()
-        order = {p: i for i, (p, _, _) in enumerate(entries)}
-        atomic_write_text(out / FAILURES, "".join(f"{p}\t{failures[p]}\n" for p in sorted(failures, key=order.get)))
-    seconds = time.perf_counter() - start
-    if pending and done_now == 0:
+    return failures, done_now
+
+
+def failures_text(failures: dict, entries: list) -> str:
+    """failures.txt: '<path><TAB><reason>' per failed video, in input order."""
+    order = {p: i for i, (p, _, _) in enumerate(entries)}
+    return "".join(f"{p}\t{failures[p]}\n" for p in sorted(failures, key=order.get))
+
+
+def export_videos(args, encoder: VideoTextEncoder, out: Path, dist_info=None) -> dict:
+    """Export the videos of ``args.input``; under torchrun (``dist_info``) each rank exports its part (:mod:`parts
+    <extract_features>`: :func:`rank_slice`, :func:`merge_parts`) and rank 0 merges them into the same files."""
+    from utils.distributed import DistInfo, all_gather_objects
+
+    dist_info = dist_info or DistInfo()
+    entries = read_video_entries(args)
+    extra = {**EXPORT_FORMAT, "mode": "videos", "per_frame": bool(args.per_frame)}
+    config_hash = encoder.config_hash(extra)
+    store = ShardStore(out, args.shard_size, args.per_frame, key_field="path", config_hash=config_hash)
+    error, run_id = None, f"{os.getpid()}-{time.time_ns()}"
+    if dist_info.is_main:  # the folder's files are checked and repaired once, before any rank reads them
+        try:
+            check_or_write_config(out, {**extra, "config_hash": config_hash, "model": encoder.identity,
+                                        "settings": {**encoder.settings(), **extra}, "embed_dim": encoder.embed_dim})
+            store.recover()
+        except BadInput as e:
+            error = str(e)
+    if dist_info.enabled:
+        error, run_id = all_gather_objects((error, run_id))[0]  # rank 0's outcome and run id, on every rank
+    if error:
+        raise BadInput(error)
+    base = {"model": encoder.describe(), "config_hash": config_hash}
+    start = time.perf_counter()
+    if dist_info.world_size == 1 and not (out / PARTS).is_dir():
+        pending = [e for e in entries if e[0] not in store.done]
+        logger.info("%d videos in %s: %d already exported, %d to do", len(entries), args.input,
+                    len(entries) - len(pending), len(pending))
+        failures: dict = {}
+        try:
+            failures, done_now = encode_into(store, pending, encoder, args, base)
+        finally:
+            atomic_write_text(out / FAILURES, failures_text(failures, entries))
+        last = {"exported": done_now, "already_done": len(entries) - len(pending), "failed": len(failures),
+                "seconds": round(time.perf_counter() - start, 3)}
+    else:
+        last = export_part(args, encoder, out, entries, store, config_hash, base, dist_info, run_id)
+        if not dist_info.is_main:
+            return {"mode": "videos", "rank": dist_info.rank, "last_run": last}
+        records = wait_for_parts(out, dist_info.world_size, run_id)
+        failures = merge_parts(out, entries, store, config_hash, args, run_id)
+        last = {k: sum(r[k] for r in records) for k in ("exported", "already_done")}
+        last.update(failed=len(failures), seconds=round(time.perf_counter() - start, 3))
+    seconds, todo = last["seconds"], last["exported"] + last["failed"]
+    if todo and last["exported"] == 0:
         logger.error("none of the %d videos to do could be read: check the paths (--root), the frame file naming "
-                     "(--image-tmpl, --index-start) and %s", len(pending), out / FAILURES)
+                     "(--image-tmpl, --index-start) and %s", todo, out / FAILURES)
     return {"mode": "videos", "input": os.fspath(args.input), "videos_in_input": len(entries),
             "exported": store.num_rows, "failed": len(failures), "shards": store.num_shards,
             "config_hash": config_hash,
-            "last_run": {"exported": done_now, "already_done": len(entries) - len(pending), "failed": len(failures),
-                         "seconds": round(seconds, 3),
-                         "videos_per_second": round(len(pending) / seconds, 3) if seconds > 0 else None,
-                         "batch_size": args.batch_size, "workers": args.workers}}
+            "last_run": {**last, "videos_per_second": round(todo / seconds, 3) if seconds > 0 else None,
+                         "batch_size": args.batch_size, "workers": args.workers, "ranks": dist_info.world_size}}
+
+
+# ---------------------------------------------------------------------------------------------- several ranks
+# Under torchrun each rank exports a contiguous run of whole batches of the input into a folder of its own,
+# OUT/.parts/part-<rank>-of-<ranks>/ (a ShardStore: resumable by itself, like OUT), and says so in its done.json;
+# rank 0 then merges every part into OUT's shards and manifest in input order, shard_size rows per shard, and
+# removes the parts. Each batch holds the same videos as a single process's batch, so the merged files are
+# byte-identical to a single-process export of the same inputs.
+PARTS = ".parts"
+PART_DONE = "done.json"
+
+
+def part_folder(out: Path, rank: int, world_size: int) -> Path:
+    return out / PARTS / f"part-{rank:05d}-of-{world_size:05d}"
+
+
+def rank_slice(num_entries: int, batch_size: int, rank: int, world_size: int) -> tuple[int, int]:
+    """[start, end) of the input rows that ``rank`` exports: whole batches, as even as possible, in rank order."""
+    batches = -(-num_entries // batch_size)
+    lo, hi = batches * rank // world_size, batches * (rank + 1) // world_size
+    return min(lo * batch_size, num_entries), min(hi * batch_size, num_entries)
+
+
+def _part_keys(folder: Path) -> set:
+    """The paths a part's manifest lists (its complete lines); read-only."""
+    manifest = folder / MANIFEST
+    if not manifest.is_file():
+        return set()
+    keys = set()
+    for line in manifest.read_text(encoding="utf-8").splitlines():
+        try:
+            keys.add(json.loads(line)["path"])
+        except (ValueError, KeyError, TypeError):
+            pass  # a cut-off last line: its shard is not complete, and the part's own recovery drops it
+    return keys
+
+
+def export_part(args, encoder, out: Path, entries: list, store: ShardStore, config_hash: str, base: dict, dist_info,
+                run_id: str) -> dict:
+    """Export this rank's slice of ``entries`` into its part folder; returns this rank's counts."""
+    folder = part_folder(out, dist_info.rank, dist_info.world_size)
+    folder.mkdir(parents=True, exist_ok=True)
+    part = ShardStore(folder, args.shard_size, args.per_frame, key_field="path", config_hash=config_hash)
+    part.recover()
+    done = set(store.done) | part.done
+    for other in (out / PARTS).iterdir():  # parts of an earlier run with another number of ranks: not redone
+        if other != folder and not other.name.endswith(f"-of-{dist_info.world_size:05d}"):
+            done |= _part_keys(other)
+    lo, hi = rank_slice(len(entries), args.batch_size, dist_info.rank, dist_info.world_size)
+    mine = entries[lo:hi]
+    pending = [e for e in mine if e[0] not in done]
+    logger.info("rank %d of %d: videos %d-%d of %d in %s: %d already exported, %d to do", dist_info.rank,
+                dist_info.world_size, lo + 1, hi, len(entries), args.input, len(mine) - len(pending), len(pending))
+    start, failures = time.perf_counter(), {}
+    try:
+        failures, done_now = encode_into(part, pending, encoder, args, base)
+    finally:
+        atomic_write_text(folder / FAILURES, failures_text(failures, entries))
+    last = {"exported": done_now, "already_done": len(mine) - len(pending), "failed": len(failures),
+            "seconds": round(time.perf_counter() - start, 3)}
+    atomic_write_text(folder / PART_DONE, json.dumps({"run": run_id, **last}) + "\n")
+    if failures and not dist_info.is_main:
+        logger.warning("rank %d: %d video(s) could not be read; rank 0 lists them in %s", dist_info.rank,
+                       len(failures), out / FAILURES)
+    return last
+
+
+def _done_record(folder: Path, run_id: str):
+    """The part's done.json when this run (``run_id``) wrote it, else None."""
+    try:
+        record = json.loads((folder / PART_DONE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return record if isinstance(record, dict) and record.get("run") == run_id else None
+
+
+def wait_for_parts(out: Path, world_size: int, run_id: str, poll: float = 0.5) -> list:
+    """Block until every rank's part of this run is done; returns their done.json records."""
+    waiting_since, said = time.monotonic(), 0.0
+    while True:
+        records = [_done_record(part_folder(out, rank, world_size), run_id) for rank in range(world_size)]
+        missing = [r for r, rec in enumerate(records) if rec is None]
+        if not missing:
+            return records
+        if time.monotonic() - waiting_since - said > 60:
+            said = time.monotonic() - waiting_since
+            logger.info("waiting for rank(s) %s to finish their parts (%.0f s)", missing, said)
+        time.sleep(poll)
+
+
+def merge_parts(out: Path, entries: list, store: ShardStore, config_hash: str, args, run_id: str) -> dict:
+    """Rank 0, once every part of this run is done (:func:`wait_for_parts`): append the parts' rows to OUT's store in
+    input order (whole shards, as one process writes them), write failures.txt, and remove the parts. Returns the
+    failures.
+
+    A kill during the merge loses nothing: the parts are removed only once OUT's manifest holds their rows, and a
+    rerun merges what is left (rows already in OUT are not added twice).
+    """
+    rows: dict = {}  # path -> (part folder, shard, row, manifest entry)
+    for folder in sorted((out / PARTS).iterdir()):
+        part = ShardStore(folder, args.shard_size, args.per_frame, key_field="path", config_hash=config_hash)
+        part.recover()
+        for e in part.entries:
+            rows.setdefault(e["path"], (folder, e))
+    arrays: dict = {}
+
+    def row_of(folder: Path, e: dict, name) -> np.ndarray:
+        key = (folder, name(e["shard"]))
+        if key not in arrays:
+            arrays[key] = np.load(folder / name(e["shard"]), mmap_mode="r")
+        return np.array(arrays[key][e["row"]])
+
+    merged = 0
+    for path, _, _ in entries:
+        if path in rows and path not in store.done:
+            folder, e = rows[path]
+            meta = {k: v for k, v in e.items() if k not in ("shard", "row")}
+            store.add(meta, row_of(folder, e, shard_name), row_of(folder, e, frames_name) if args.per_frame else None)
+            merged += 1
+    store.flush()
+    failures: dict = {}
+    for folder in sorted((out / PARTS).iterdir()):  # this run's parts retried their failures: only theirs count
+        if _done_record(folder, run_id) is not None:
+            failures.update(_read_failures(folder / FAILURES))
+    failures = {p: r for p, r in failures.items() if p not in store.done}
+    atomic_write_text(out / FAILURES, failures_text(failures, entries))
+    arrays.clear()
+    shutil.rmtree(out / PARTS)
+    logger.info("merged %d rows of the ranks' parts into %s (%d rows, %d shards)", merged, out, store.num_rows,
+                store.num_shards)
+    return failures
+
+
+def _read_failures(path: Path) -> dict:
+    if not path.is_file():
+        return {}
+    out = {}
+    for line in path.read_text(encoding="utf-8").splitlines():
+        p, sep, reason = line.partition("\t")
+        if sep:
+            out[p] = reason
+    return out
 
 
 def export_texts(args, encoder: VideoTextEncoder, out: Path) -> dict:
@@ -403,6 +594,9 @@ EXAMPLES = """examples:
   # one embedding per validation video of the demo, with the demo's T2L checkpoint
   python extract_features.py demo_data/val.txt --root demo_data/frames --model demo_output/train/last.pt \\
       --out features/demo_val
+  # the same on 4 GPUs (each rank exports its part; rank 0 merges them into the same files)
+  torchrun --nproc_per_node 4 extract_features.py demo_data/val.txt --root demo_data/frames \\
+      --model demo_output/train/last.pt --out features/demo_val
   # a folder of .mp4 files, frozen CLIP ViT-B/16, 3 clips x 3 crops averaged, per-frame embeddings too
   python extract_features.py my_videos/ --model ViT-B/16 --out features/mine --clips 3 --crops 3 --per-frame
   # the class texts (descriptions) in the same embedding space
@@ -474,7 +668,14 @@ def validate(args, parser) -> None:
 
 
 def main(argv=None) -> int:
-    """Run an export; returns the exit status (0 done, 1 some videos unreadable, 2 bad input)."""
+    """Run an export; returns the exit status (0 done, 1 some videos unreadable, 2 bad input).
+
+    Under ``torchrun`` every rank exports its part of the videos and rank 0 merges them; every rank returns 0 once
+    the export is complete, unreadable videos or not (they are in failures.txt and summary.json): torchrun takes any
+    other status for a failed worker and would restart the finished export.
+    """
+    from utils import distributed
+
     parser = build_parser()
     args = parser.parse_args(argv)
     validate(args, parser)
@@ -482,31 +683,47 @@ def main(argv=None) -> int:
     if out.exists() and not out.is_dir():
         logger.error("--out %s exists and is not a folder", out)
         return 2
-    out.mkdir(parents=True, exist_ok=True)
     try:
-        lock = FolderLock(out, "extract_features.py").acquire()  # one export per folder at a time
-    except FolderLockedError as e:
+        dist_info = distributed.setup(args.device)
+    except RuntimeError as e:  # a device that is not there
         logger.error("%s", e)
         return 2
     try:
-        return _run(args, out, lock)
+        out.mkdir(parents=True, exist_ok=True)
+        try:  # one export per folder at a time (under torchrun rank 0 holds the lock for all ranks)
+            lock = lock_output_folder(out, "extract_features.py", dist_info)
+        except FolderLockedError as e:
+            logger.error("%s", e)
+            return 2
+        try:
+            return _run(args, out, lock, dist_info)
+        finally:
+            if lock:
+                lock.release()
     finally:
-        lock.release()
+        distributed.cleanup()
 
 
-def _run(args, out: Path, lock: FolderLock) -> int:
+def _run(args, out: Path, lock, dist_info) -> int:
     from utils.logger import setup_logging
 
-    setup_logging(str(out), 0, filename="extract_log.txt")
-    lock.log_takeover()
+    setup_logging(str(out), dist_info.rank, filename="extract_log.txt")
+    if lock:
+        lock.log_takeover()
     if args.threads:
         torch.set_num_threads(args.threads)
+    device = dist_info.device if dist_info.enabled else args.device  # torchrun: this rank's GPU (LOCAL_RANK)
     try:
-        encoder = load_model(args.model, device=args.device, precision=args.precision, num_frames=args.frames,
+        encoder = load_model(args.model, device=device, precision=args.precision, num_frames=args.frames,
                              input_size=args.input_size, num_clips=args.clips, num_crops=args.crops,
                              image_tmpl=args.image_tmpl, index_start=args.index_start, trust=args.trust_checkpoint,
                              test_rules=args.rules, compile=args.compile)
-        summary = export_texts(args, encoder, out) if args.texts else export_videos(args, encoder, out)
+        if args.texts and not dist_info.is_main:
+            logger.info("rank %d: texts are exported by rank 0 alone", dist_info.rank)
+            return 0
+        summary = export_texts(args, encoder, out) if args.texts else export_videos(args, encoder, out, dist_info)
+        if not dist_info.is_main:
+            return 0
     except KeyboardInterrupt:
         logger.error("interrupted: the shards written so far are kept; run the same command again to resume")
         return 130
@@ -525,6 +742,11 @@ def _run(args, out: Path, lock: FolderLock) -> int:
     if summary["mode"] == "videos" and last.get("videos_per_second"):
         logger.info("throughput: %.2f videos/s (%s, %s)", last["videos_per_second"], summary["device"],
                     summary["dtype"])
+    if dist_info.enabled and summary["failed"]:
+        # torchrun reads any other status as a failed worker and would restart (--max-restarts) a finished export
+        logger.warning("%d video(s) could not be read (see %s); exit status 0 under torchrun, as the export is "
+                       "complete", summary["failed"], out / FAILURES)
+        return 0
     return 1 if summary["failed"] else 0
 
 

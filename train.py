@@ -1,10 +1,13 @@
 """Train T2L: ``python train.py --config configs/K-400/k400_train.yaml [--opts key=value ...]``.
 
-One GPU, or several with ``torchrun --nproc_per_node N train.py ...`` (also across machines). A run writes into
-``output_dir``: the resolved ``config.yaml``, ``log.txt``, ``metrics.csv``, ``curves.png``, ``last.pt`` every epoch
-and ``best_<eval set>.pt`` when an evaluation set marked ``select_best`` (a validation set, never a test set)
-improves. Rerunning the same command resumes from ``last.pt``; ``network.init_from`` starts from the T2L tensors of
-another checkpoint (ours or a published one).
+One GPU, or several with ``torchrun --nproc_per_node N train.py ...`` (also across machines; Slurm:
+``scripts/slurm_train.sbatch``). A run writes into ``output_dir``: the resolved ``config.yaml``, ``log.txt``,
+``metrics.csv``, ``curves.png``, ``last.pt`` every epoch, ``mid_epoch.pt`` part-way through an epoch (every
+``checkpoint.every_steps`` optimiser steps or ``checkpoint.every_minutes`` minutes, and on SIGTERM or SIGUSR1, after
+which the run exits with status 75: preempted, rerun to continue) and ``best_<eval set>.pt`` when an evaluation set
+marked ``select_best`` (a validation set, never a test set) improves. Rerunning the same command resumes from the
+later of ``last.pt`` and ``mid_epoch.pt``, exactly where it stopped; ``network.init_from`` starts from the T2L tensors
+of another checkpoint (ours or a published one).
 """
 from __future__ import annotations
 
@@ -12,10 +15,12 @@ import argparse
 import json
 import logging
 import math
+import os
 import random
 import sys
 import time
 from pathlib import Path
+from typing import Optional
 
 from utils.lock import FolderLockedError, exit_if_busy, lock_output_folder
 
@@ -25,11 +30,12 @@ if __name__ == "__main__":  # a run into a busy output folder stops here, not af
 import numpy as np
 import torch
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader, DistributedSampler
+from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 import engine
 from datasets import VideoDataset, failure_summary_line
+from datasets.samplers import ResumableDistributedSampler
 from modules import T2LLoss, convert_to_fp16_like_published, make_checkpoint, save_published
 from modules.checkpoint import init_from_checkpoint, is_published
 from utils import distributed
@@ -37,6 +43,7 @@ from utils.checkpoint import atomic_save, atomic_write_text, remove_stale_tmp, r
 from utils.config import check_paths, load_config, save_config
 from utils.logger import MetricsCSV, WandbLogger, plot_curves, setup_logging
 from utils.precision import Fp16MasterStep
+from utils.preemption import EXIT_REQUEUE, CheckpointClock, Preempted, StopSignals, ignore_stop_signals, signal_name
 from utils.schedule import WarmupCosine
 
 logger = logging.getLogger("train")
@@ -50,8 +57,11 @@ def parse_args(argv=None):
                                        "  torchrun --nproc_per_node 4 train.py --config configs/K-400/k400_train.yaml")
     p.add_argument("--config", required=True, help="experiment YAML (extends a base file)")
     p.add_argument("--opts", nargs="*", default=[], help="overrides by dotted key, e.g. data.batch_size=8")
-    p.add_argument("--resume", default=None, help="checkpoint to resume from (default: output_dir/last.pt if any)")
-    p.add_argument("--no-resume", action="store_true", help="start afresh even if output_dir/last.pt exists")
+    p.add_argument("--resume", default=None,
+                   help="checkpoint to resume from (default: the later of output_dir/last.pt and mid_epoch.pt)")
+    p.add_argument("--no-resume", action="store_true",
+                   help="start afresh even if output_dir holds a checkpoint (a launcher's restart of this run still "
+                        "continues from it: TORCHELASTIC_RESTART_COUNT / SLURM_RESTART_COUNT > 0)")
     p.add_argument("--compile", nargs="?", const="default", default=None, metavar="MODE",
                    help="torch.compile the encoders (network.compile): default, reduce-overhead or max-autotune")
     return p.parse_args(argv)
@@ -74,8 +84,8 @@ def check_training_checkpoint(ckpt, path) -> None:
     raise ValueError(f"{path} is not a training checkpoint of this project: expected format 't2l' with "
                      f"{', '.join(TRAINING_CHECKPOINT_KEYS)}, found {found}"
                      f"{' (missing ' + ', '.join(missing) + ')' if missing and keys else ''}. --resume takes the "
-                     f"last.pt (or best_*.pt, epoch_*.pt) that train.py writes; evaluate other T2L weights with "
-                     f"test.py --weights")
+                     f"last.pt (or mid_epoch.pt, best_*.pt, epoch_*.pt) that train.py writes; evaluate other T2L "
+                     f"weights with test.py --weights")
 
 
 # Settings a resumed run cannot change, and why: the checkpoint's tensors or optimiser state are made for them.
@@ -110,17 +120,23 @@ def config_changes(saved: dict, current: dict) -> dict:
     return {k: (old.get(k), new.get(k)) for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)}
 
 
-def resume_training(resume, cfg, model, optimizer, scheduler, scaler, steps_per_epoch: int) -> dict:
+def resume_training(resume, cfg, model, optimizer, scheduler, scaler, steps_per_epoch: int,
+                    layout: Optional[dict] = None, ckpt: Optional[dict] = None) -> dict:
     """Load a training checkpoint into the freshly built model, optimiser, schedule and scaler.
 
     What the run does is what ``cfg`` says: a setting that differs from the checkpoint's config is applied (the
     optimiser's hyper-parameters are this config's, and the lr schedule is rebuilt when any of its inputs changed),
     and each is named in the log; a setting the checkpoint cannot follow (``FIXED_ON_RESUME``, another backbone, a
     different optimiser grouping) stops the run here, before any training, naming the setting.
+
+    A mid-epoch checkpoint (``mid_epoch.pt``) also holds its place in the epoch (``position``, returned as is): it
+    continues only with the data layout it was written with (``layout``: ranks, batch size, accumulation, videos,
+    seed; :func:`check_layout`). ``ckpt``: the file's content when the caller has read it already.
     """
     from modules.checkpoint import check_backbone, load_t2l_tensors
 
-    ckpt = safe_load(resume, trust=cfg.network.trust_checkpoint)
+    if ckpt is None:
+        ckpt = safe_load(resume, trust=cfg.network.trust_checkpoint)
     if isinstance(ckpt, dict) and is_published(ckpt):
         raise ValueError(f"{resume} is a published T2L checkpoint, not a training checkpoint of this project: "
                          f"--resume continues a run of train.py (its last.pt). To start training or fine-tuning "
@@ -163,6 +179,12 @@ def resume_training(resume, cfg, model, optimizer, scheduler, scaler, steps_per_
         logger.info("resume: %s holds no loss-scaler state (trained without fp16 autocast); starting a fresh scale",
                     resume)
     start_epoch, step = int(ckpt["epoch"]) + 1, int(ckpt["step"])
+    place = ckpt.get("position")  # in the epoch, for a mid-epoch checkpoint
+    if place is not None:
+        if int(place["epoch"]) != start_epoch:
+            raise ValueError(f"{resume} is inconsistent: it stands part-way through epoch {int(place['epoch']) + 1} "
+                             f"but records epoch {start_epoch} as the last one done; resume from last.pt instead")
+        check_layout(place["layout"], layout, resume)
 
     saved_sched = {"update_every": 1, "steps_per_epoch": 0, **ckpt["scheduler"]}  # states older than these keys
     ours = scheduler.settings()
@@ -191,7 +213,121 @@ def resume_training(resume, cfg, model, optimizer, scheduler, scaler, steps_per_
         resumes.append({"epoch": start_epoch, "changes": {k: list(v) for k, v in changes.items()}})
     return {"start_epoch": start_epoch, "step": step, "best": dict(ckpt.get("best", {})), "resumes": resumes,
             "nonfinite_total": int(ckpt.get("nonfinite_skipped", 0)),  # metrics.csv counts over the whole run
-            "rng": ckpt["rng"]}
+            "nonfinite_run": int(ckpt.get("nonfinite_run", 0)),  # so solver.max_nonfinite_steps counts across a resume
+            "rng": ckpt["rng"], "position": place}
+
+
+# ---------------------------------------------------------------------------------------------- checkpoints
+LAST, MID_EPOCH = "last.pt", "mid_epoch.pt"
+# What fixes the order of an epoch's samples and how they are cut into batches and steps: a mid-epoch checkpoint
+# continues only under the same values (the rest of its epoch would otherwise be other samples than the ones left).
+LAYOUT_KEYS = {"world_size": "ranks (GPUs) in the run", "batch_size": "data.batch_size (videos per rank and batch)",
+               "grad_accum": "solver.grad_accum", "videos": "videos in data.train_list", "seed": "seed"}
+
+
+def data_layout(cfg, dist_info, num_videos: int) -> dict:
+    """The values of :data:`LAYOUT_KEYS` for this run."""
+    return {"world_size": dist_info.world_size, "batch_size": cfg.data.batch_size,
+            "grad_accum": cfg.solver.grad_accum, "videos": num_videos, "seed": cfg.seed}
+
+
+def check_layout(saved: dict, current: Optional[dict], source) -> None:
+    """Refuse to continue a partial epoch under another data layout, naming what differs and the ways out."""
+    if current is None:
+        return
+    differs = {k: (saved.get(k), current.get(k)) for k in LAYOUT_KEYS if saved.get(k) != current.get(k)}
+    if differs:
+        raise ValueError(
+            f"{source} was written part-way through an epoch, which can only be continued with the same data layout: "
+            + "; ".join(f"{LAYOUT_KEYS[k]} was {old} and is now {new}" for k, (old, new) in differs.items())
+            + f". Run with the checkpoint's values, or resume from the end of the last full epoch with --resume "
+              f"{Path(source).with_name(LAST)} (the partial epoch is trained again)")
+
+
+def progress_of(ckpt: dict) -> tuple[int, int]:
+    """Where a training checkpoint stands: (the epoch to run next, 0-based; its batches already done)."""
+    position = ckpt.get("position")
+    if position:
+        return int(position["epoch"]), int(position["batches"])
+    return int(ckpt["epoch"]) + 1, 0
+
+
+def latest_checkpoint(out: Path, trust: bool = False) -> tuple[Optional[Path], Optional[dict]]:
+    """The later of ``out/last.pt`` and ``out/mid_epoch.pt`` (None when neither exists), with its content when
+    both had to be read to compare them (else None: read it when resuming)."""
+    found = [p for p in (out / LAST, out / MID_EPOCH) if p.is_file()]
+    if len(found) < 2:
+        return (found[0] if found else None), None
+    last, mid = (safe_load(p, trust=trust) for p in found)
+    # A kill between last.pt's rename and mid_epoch.pt's removal leaves an older mid_epoch.pt: compare, never assume.
+    return (found[1], mid) if progress_of(mid) > progress_of(last) else (found[0], last)
+
+
+def restart_count() -> int:
+    """How often a launcher has restarted this job: torchrun's elastic restarts or Slurm's requeues (0: first start)."""
+    counts = [os.environ.get(k, "") for k in ("TORCHELASTIC_RESTART_COUNT", "SLURM_RESTART_COUNT")]
+    return max(int(c) if c.isdigit() else 0 for c in counts)
+
+
+def choose_resume(args, out: Path, trust: bool = False) -> tuple[Optional[Path], Optional[dict]]:
+    """(checkpoint to resume from or None, its content if already read).
+
+    ``--resume`` and ``--no-resume`` decide a first start; a launcher's restart (``torchrun --max-restarts``, a Slurm
+    requeue) repeats the same command line, so it always continues from the folder's latest checkpoint instead:
+    restarting from ``--resume`` again, or afresh, would throw away what the interrupted attempt had done.
+    """
+    latest, ckpt = latest_checkpoint(out, trust)
+    restarts = restart_count()
+    if restarts and latest is not None:
+        if args.resume or args.no_resume:
+            logger.info("restart %d of this job: continuing from %s (--resume/--no-resume apply to its first start)",
+                        restarts, latest)
+        return latest, ckpt
+    if args.resume:
+        return Path(args.resume), None
+    return (None, None) if args.no_resume else (latest, ckpt)
+
+
+def stop_reason(stop: Optional[StopSignals]) -> str:
+    """What stopped the run, for its last log line: this rank's signal, or another rank's."""
+    return signal_name(stop.received) if stop is not None and stop.received is not None else "another rank's signal"
+
+
+def training_checkpoint(model, optimizer, scheduler, scaler, rngs: list, cfg, **fields) -> dict:
+    """The dict train.py writes (last.pt, best_*.pt, epoch_*.pt, mid_epoch.pt): the T2L tensors, optimiser, schedule,
+    scaler, every rank's RNG states, the config, and ``fields`` (epoch, step, best, counters, resumes, position)."""
+    return make_checkpoint(model, optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
+                           scaler=scaler.state_dict(), rng=rngs, config=cfg.to_dict(), **fields)
+
+
+def save_mid_epoch(out: Path, dist_info, build, epoch: int, batches: int, layout: dict, view_rng: torch.Generator,
+                   elapsed: float, counters: dict, grads: dict) -> Path:
+    """Write ``out/mid_epoch.pt``: the run ``batches`` batches into ``epoch`` (a collective: every rank calls it).
+
+    ``build(rngs, position)`` makes the checkpoint dict (:func:`training_checkpoint`) from every rank's RNG states
+    and the position, which holds what the rest of the epoch needs to go on exactly as if uninterrupted: the batches
+    consumed (the sampler skips them: prefetched but unused batches are fetched again), the layout, the text-view
+    generator, the time spent, each rank's partial sums for metrics.csv (no row is written for a partial epoch) and,
+    mid-way through a gradient accumulation, the accumulated gradients (DDP leaves every rank the same ones).
+    """
+    gathered = distributed.all_gather_objects({"rng": rng_state(), "counters": counters})
+    path = out / MID_EPOCH
+    if dist_info.is_main:
+        position = {"epoch": epoch, "batches": batches, "layout": layout, "view_rng": view_rng.get_state(),
+                    "elapsed_s": float(elapsed), "counters": [g["counters"] for g in gathered], "grads": grads}
+        atomic_save(build([g["rng"] for g in gathered], position), path)
+    return path
+
+
+def restore_partial_epoch(position: dict, model, view_rng: torch.Generator, rank: int) -> dict:
+    """Put back what :func:`save_mid_epoch` kept of the epoch under way; returns this rank's partial counters."""
+    view_rng.set_state(position["view_rng"])
+    for name, p in model.trainable_parameters():
+        if name in position["grads"]:
+            p.grad = position["grads"][name].to(device=p.device, dtype=p.dtype).clone()
+    counters = position["counters"][rank]
+    return {"sums": dict(counters["sums"]), "counted": int(counters["counted"]), "failed": int(counters["failed"]),
+            "seen": int(counters["seen"])}
 
 
 def param_groups(model, cfg):
@@ -236,7 +372,8 @@ def main(argv=None) -> dict:
             setup_logging(str(out), dist_info.rank)
             if lock:
                 lock.log_takeover()
-            return train(cfg, args, dist_info, out)
+            with StopSignals() as stop:  # SIGTERM / SIGUSR1: checkpoint at the next batch, then raise Preempted
+                return train(cfg, args, dist_info, out, stop)
         finally:
             if lock:
                 lock.release()
@@ -244,7 +381,7 @@ def main(argv=None) -> dict:
         distributed.cleanup()
 
 
-def train(cfg, args, dist_info, out: Path) -> dict:
+def train(cfg, args, dist_info, out: Path, stop: Optional[StopSignals] = None) -> dict:
     device = dist_info.device
     # Every global RNG, not only torch's: the checkpoint saves all three, and an unseeded one would make two runs of
     # the same config (or a resumed and an uninterrupted run) write different checkpoints.
@@ -264,20 +401,23 @@ def train(cfg, args, dist_info, out: Path) -> dict:
                            train_sampling=cfg.data.train_sampling, test_rules=cfg.eval.rules,
                            allow_outside_root=cfg.data.allow_outside_root,
                            deferred=engine.transform_on_device(cfg, device, "train"))
-    sampler = DistributedSampler(dataset, num_replicas=dist_info.world_size, rank=dist_info.rank, shuffle=True,
-                                 seed=cfg.seed, drop_last=True)
+    sampler = ResumableDistributedSampler(dataset, num_replicas=dist_info.world_size, rank=dist_info.rank,
+                                          shuffle=True, seed=cfg.seed, drop_last=True)
     if len(sampler) < cfg.data.batch_size:
         raise ValueError(f"{cfg.data.train_list} has {len(dataset)} videos: fewer than one batch of "
                          f"{cfg.data.batch_size} per rank; lower data.batch_size")
     loader = DataLoader(dataset, batch_size=cfg.data.batch_size, sampler=sampler, num_workers=cfg.data.num_workers,
                         pin_memory=device.type == "cuda", drop_last=True,
                         persistent_workers=cfg.data.num_workers > 0,
-                        prefetch_factor=4 if cfg.data.num_workers > 0 else None, collate_fn=dataset.collate)
+                        prefetch_factor=4 if cfg.data.num_workers > 0 else None, collate_fn=dataset.collate,
+                        # Reseeded every epoch from (seed, epoch), so a resumed epoch seeds its workers alike; workers
+                        # leave SIGTERM/SIGUSR1 to this process, which checkpoints on them.
+                        generator=torch.Generator(), worker_init_fn=ignore_stop_signals)
     logger.info("training on %d videos of %d classes from %s (%d steps per epoch)", len(dataset),
                 len(class_names), cfg.data.train_list, len(loader) // cfg.solver.grad_accum)
 
     # ---- model, optimiser, schedule
-    resume = args.resume or (None if args.no_resume or not (out / "last.pt").exists() else out / "last.pt")
+    resume, resume_ckpt = choose_resume(args, out, trust=cfg.network.trust_checkpoint)
     model = engine.build_model(cfg)
     if cfg.network.init_from and not resume:
         init_from_checkpoint(model, cfg.network.init_from, trust=cfg.network.trust_checkpoint)
@@ -309,14 +449,21 @@ def train(cfg, args, dist_info, out: Path) -> dict:
                 cfg.solver.weight_decay, cfg.solver.epochs)
 
     # ---- resume
-    start_epoch, step, best, nonfinite_total = 0, 0, {}, 0
+    start_epoch, step, best, nonfinite_total, nonfinite_run = 0, 0, {}, 0, 0
     resumes = []
+    layout = data_layout(cfg, dist_info, len(dataset))
+    position = None  # where a mid-epoch checkpoint stopped: {"epoch", "batches", ...}
     if resume:
-        state = resume_training(resume, cfg, model, optimizer, scheduler, scaler, steps_per_epoch)
-        start_epoch, step, best, nonfinite_total, resumes = (state[k] for k in (
-            "start_epoch", "step", "best", "nonfinite_total", "resumes"))
+        state = resume_training(resume, cfg, model, optimizer, scheduler, scaler, steps_per_epoch, layout=layout,
+                                ckpt=resume_ckpt)
+        start_epoch, step, best, nonfinite_total, nonfinite_run, resumes, position = (state[k] for k in (
+            "start_epoch", "step", "best", "nonfinite_total", "nonfinite_run", "resumes", "position"))
         set_rng_state(state["rng"][min(dist_info.rank, len(state["rng"]) - 1)])
-        logger.info("resumed from %s: epoch %d done, step %d", resume, start_epoch, step)
+        if position:
+            logger.info("resumed from %s: part-way through epoch %d (%d of %d batches done), step %d", resume,
+                        start_epoch + 1, position["batches"], len(loader), step)
+        else:
+            logger.info("resumed from %s: epoch %d done, step %d", resume, start_epoch, step)
 
     if dist_info.is_main:
         # Only now that data, model and resume are set up: a run that stops on bad input before this point leaves
@@ -332,20 +479,52 @@ def train(cfg, args, dist_info, out: Path) -> dict:
     wandb = (WandbLogger(cfg.logging.wandb_project, config=cfg.to_dict(), mode=cfg.logging.wandb_mode, dir=str(out))
              if cfg.logging.wandb and dist_info.is_main else None)
 
-    nonfinite_run = 0
+    clock = CheckpointClock(cfg.checkpoint.every_steps, cfg.checkpoint.every_minutes)
+
+    def serve_checkpoint(batches: int, end_of_epoch: bool = False) -> None:
+        """At a batch boundary (``batches`` done): a mid-epoch checkpoint when one is due, then stop if asked to."""
+        window_closed = batches % cfg.solver.grad_accum == 0  # no gradient half accumulated
+        write, halt = clock.decide(step, window_closed and not end_of_epoch, stop is not None and stop.received
+                                   is not None, dist_info)
+        if not write:
+            return
+        start = time.perf_counter()
+        grads = {} if window_closed else {n: p.grad for n, p in model.trainable_parameters() if p.grad is not None}
+        path = save_mid_epoch(out, dist_info, lambda rngs, pos: training_checkpoint(
+            model, optimizer, scheduler, scaler, rngs, cfg, epoch=epoch - 1, step=step, best=best,
+            nonfinite_skipped=nonfinite_total, nonfinite_run=nonfinite_run, resumes=resumes, position=pos),
+            epoch, batches, layout, view_rng, time.time() - t0,
+            {"sums": sums, "counted": counted, "failed": failed, "seen": seen}, grads)
+        clock.written(step)
+        logger.info("mid-epoch checkpoint %s: epoch %d, %d of %d batches, step %d (%.2f s)", path, epoch + 1,
+                    batches, len(loader), step, time.perf_counter() - start)
+        if halt:
+            distributed.barrier()  # every rank leaves only once rank 0 has written it
+            raise Preempted(f"stopped on {stop_reason(stop)} part-way through epoch {epoch + 1} (step {step}); the "
+                            f"state is in {path}", str(path))
+
     for epoch in range(start_epoch, cfg.solver.epochs):
         model.train()
-        sampler.set_epoch(epoch)
+        part = position if position and position["epoch"] == epoch else None  # resumed part-way through this epoch
+        skip = int(part["batches"]) if part else 0
+        sampler.set_epoch(epoch, skip=skip * cfg.data.batch_size)
         dataset.set_epoch(epoch)
+        loader.generator.manual_seed(cfg.seed * 100_019 + epoch)
         # A random text view (template) per sample when several exist; seeded by (seed, epoch).
         view_rng = torch.Generator().manual_seed(cfg.seed * 100_003 + epoch)
         sums = {"loss": 0.0, "align": 0.0, "tfd": 0.0}
         counted, failed, seen = 0, 0, 0
         t0 = time.time()
-        bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.solver.epochs}", disable=not dist_info.is_main,
-                   dynamic_ncols=True)
         zero_grad(model, optimizer)
-        for i, batch in enumerate(bar):
+        if part:
+            done = restore_partial_epoch(part, model, view_rng, dist_info.rank)
+            sums, counted, failed, seen = done["sums"], done["counted"], done["failed"], done["seen"]
+            t0 -= part["elapsed_s"]
+        bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.solver.epochs}", disable=not dist_info.is_main,
+                   dynamic_ncols=True, initial=skip)
+        for i, batch in enumerate(bar, start=skip):
+            if i > skip:
+                serve_checkpoint(i)
             videos = dataset.finish(batch, device)  # the augmentation runs here when the loader only decodes
             labels = batch["label"].to(device, non_blocking=True)
             failed += int(batch["failed"].sum())
@@ -400,6 +579,7 @@ def train(cfg, args, dist_info, out: Path) -> dict:
             if dist_info.is_main and (i % max(1, cfg.logging.print_freq) == 0 or i + 1 == len(loader)):
                 bar.set_postfix(loss=f"{sums['loss'] / counted:.4f}", lr=f"{scheduler.get_lr()[0]:.2e}",
                                 vid_s=f"{seen / max(time.time() - t0, 1e-9):.1f}")
+        serve_checkpoint(len(loader), end_of_epoch=True)  # only a stop request: last.pt follows
         bar.close()
         epoch_time = time.time() - t0
         failed = int(distributed.all_reduce_sum(torch.tensor(failed)).item())
@@ -428,10 +608,9 @@ def train(cfg, args, dist_info, out: Path) -> dict:
         # ---- checkpoint (rank 0 writes; every rank's RNG state is kept for an exact resume)
         rngs = distributed.all_gather_objects(rng_state())
         if dist_info.is_main:
-            ckpt = make_checkpoint(model, epoch=epoch, step=step, optimizer=optimizer.state_dict(),
-                                   scheduler=scheduler.state_dict(), scaler=scaler.state_dict(), rng=rngs,
-                                   best=best, nonfinite_skipped=nonfinite_total, config=cfg.to_dict(),
-                                   resumes=resumes)
+            ckpt = training_checkpoint(model, optimizer, scheduler, scaler, rngs, cfg, epoch=epoch, step=step,
+                                       best=best, nonfinite_skipped=nonfinite_total, nonfinite_run=nonfinite_run,
+                                       resumes=resumes)
             # last.pt is the commit point of the epoch, so it is written last: a run killed before it redoes the
             # epoch (and rewrites the files below identically); one killed after it has all of them.
             if metrics_csv is None:  # rows are 1-based epochs; a resumed run redoes epochs start_epoch + 1 onwards
@@ -443,13 +622,19 @@ def train(cfg, args, dist_info, out: Path) -> dict:
                 atomic_save(ckpt, out / f"epoch_{epoch + 1}.pt")
             if cfg.checkpoint.save_full:
                 save_published(model, out / "last_full_published.pth", epoch=epoch)
-            atomic_save(ckpt, out / "last.pt")
+            atomic_save(ckpt, out / LAST)
+            (out / MID_EPOCH).unlink(missing_ok=True)  # older than last.pt now (a kill before this is harmless)
             plot_curves(out / "metrics.csv", out / "curves.png")
             if wandb:
                 wandb.log(row, step=step)
         distributed.barrier()
+        clock.written(step)
         logger.info("epoch %d done in %.1fs: loss %.4f (align %.4f, tfd %.4f)", epoch + 1, epoch_time,
                     row["loss"], row["align"], row["tfd"])
+        if epoch + 1 < cfg.solver.epochs and clock.decide(step, False, stop is not None and stop.received is not None,
+                                                          dist_info)[1]:  # (after the last epoch: just finish)
+            raise Preempted(f"stopped on {stop_reason(stop)} after epoch {epoch + 1} (step {step}); the state is in "
+                            f"{out / LAST}", str(out / LAST))
     if wandb:
         wandb.finish()
     summary = {"epochs": cfg.solver.epochs, "steps": step, "best": best, "nonfinite_skipped": nonfinite_total}
@@ -464,6 +649,10 @@ if __name__ == "__main__":
 
     try:
         main()
+    except Preempted as e:
+        logging.getLogger("train").warning("%s; exit status %d: run the same command again to continue", e,
+                                           EXIT_REQUEUE)
+        sys.exit(EXIT_REQUEUE)
     except KeyboardInterrupt:
         logging.getLogger("train").error("interrupted: the last finished epoch is kept in last.pt (if any); run the "
                                          "same command again to resume")

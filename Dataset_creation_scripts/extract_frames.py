@@ -17,6 +17,11 @@ Contract (docs: ARCHITECTURE.md):
     every run (failed videos are retried, partial ones are kept). The reasons are the video readers'
     (``datasets/readers.py``), so training, testing and extraction name a broken file alike.
 
+Several machines: ``--shard I/N`` extracts the videos whose path hashes to shard I of N; N such processes share
+one SRC and one OUT, each appends to its own ``OUT/.shards/manifest-I-of-N.txt`` and merges it into
+``manifest.txt`` and ``failures.txt`` under a lock when it starts and ends (see :class:`ShardRecords`): no line is
+lost or doubled whatever order they finish in, and a killed shard is resumed by running it again.
+
 Safety: a video's frames go to a hidden sibling ``.tmp-<name>-<pid>`` that is renamed into place only
 once complete; the manifest line is appended (flush + fsync) only after that rename; a rerun skips
 videos that are in the manifest with their folder present, removes ``.tmp-*`` leftovers and drops
@@ -28,8 +33,11 @@ the one that kills its worker again is recorded as a failure.
 from __future__ import annotations
 
 import argparse
+import errno
+import hashlib
 import logging
 import os
+import re
 import shutil
 import signal
 import sys
@@ -52,6 +60,7 @@ from datasets.readers import VIDEO_EXTENSIONS  # noqa: E402  (the repository roo
 logger = logging.getLogger("extract_frames")
 
 TMP_PREFIX = ".tmp-"
+_TMP_NAME = re.compile(r"^\.tmp-(.+)-\d+(?:\.old)?$")  # a video's temporary frames folder (or the one it replaces)
 LOCK_NAME = ".extract_frames.lock"
 # Test-only fault injection: "<exit|killgroup>:<k>:<video path relative to SRC>" makes the worker
 # that extracts that video os._exit() (exit) or SIGKILL its whole process group (killgroup) right
@@ -321,7 +330,7 @@ def _move_into_place(tmp: Path, final: Path) -> None:
     if final.exists():
         # A complete folder not in the manifest (killed between rename and manifest write) or a
         # stale one: move it aside first so that `final` is never half old, half new.
-        old = final.parent / f"{TMP_PREFIX}old-{final.name}-{os.getpid()}"
+        old = final.parent / f"{TMP_PREFIX}{final.name}-{os.getpid()}.old"  # named for its video, as tmp is
         os.rename(final, old)
         os.rename(tmp, final)
         shutil.rmtree(old, ignore_errors=True)
@@ -360,20 +369,31 @@ def _job(video: Video, out_root: str, short_side: int, quality: int, keep_partia
 # The run
 # --------------------------------------------------------------------------------------------
 @contextmanager
-def _lock(out: Path) -> Iterator[None]:
-    """Refuse a second concurrent run on the same OUT (it would delete the first one's temporaries)."""
+def _lock(path: Path, busy: str = "", shared: bool = False, wait: bool = False) -> Iterator[bool]:
+    """Hold ``flock`` on ``path`` for the block; yields whether the file system gave the lock.
+
+    Exclusive, or ``shared`` (several holders, none exclusive). Without ``wait`` a held lock raises RuntimeError
+    with ``busy`` at once. On a file system without locks (some network mounts) the block runs unlocked with a
+    warning, and the callers keep everything that would need the lock to be removed safely.
+    """
     try:
         import fcntl
     except ImportError:  # not POSIX: no locking
-        yield
+        yield False
         return
-    fd = os.open(out / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | (0 if wait else fcntl.LOCK_NB))
         except BlockingIOError:
-            raise RuntimeError(f"another extract_frames.py run is using {out} (lock {out / LOCK_NAME})") from None
-        yield
+            raise RuntimeError(busy or f"{path} is locked by another extract_frames.py run") from None
+        except OSError as e:
+            if e.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
+                raise
+            logger.warning("cannot lock %s (%s): runs that share this folder are not kept apart", path, e.strerror)
+            yield False
+            return
+        yield True
     finally:
         os.close(fd)
 
@@ -383,16 +403,27 @@ def folder_is_complete(folder: Path, num_frames: int) -> bool:
     return num_frames > 0 and (folder / frame_name(num_frames)).is_file() and not (folder / frame_name(num_frames + 1)).exists()
 
 
-def _remove_leftovers(out: Path, videos: Sequence[Video]) -> int:
-    """Delete ``.tmp-*`` entries next to any frames folder (leftovers of a killed run)."""
-    parents = {out} | {(out / v.folder).parent for v in videos}
+def _remove_leftovers(out: Path, videos: Sequence[Video], only_theirs: bool = False) -> int:
+    """Delete ``.tmp-*`` entries next to any frames folder (leftovers of a killed run).
+
+    ``only_theirs`` (a ``--shard`` run, while other shards may be writing): only the temporary folders of
+    ``videos`` themselves, ``.tmp-<folder name>-<pid>[.old]``, which no other shard ever makes.
+    """
+    names: Dict[Path, set] = {}
+    for v in videos:
+        names.setdefault((out / v.folder).parent, set()).add(Path(v.folder).name)
+    parents = set(names) if only_theirs else {out} | set(names)
     removed = 0
     for parent in sorted(parents):
         if not parent.is_dir():
             continue
         with os.scandir(parent) as it:
             for entry in it:
-                if entry.name.startswith(TMP_PREFIX):
+                mine = entry.name.startswith(TMP_PREFIX)
+                if mine and only_theirs:
+                    m = _TMP_NAME.match(entry.name)
+                    mine = bool(m) and m.group(1) in names[parent]
+                if mine:
                     path = Path(entry.path)
                     if entry.is_dir(follow_symlinks=False):
                         shutil.rmtree(path, ignore_errors=True)
@@ -514,11 +545,13 @@ def run_extraction(
     progress: bool = True,
     videos: Optional[Sequence[Video]] = None,
     max_long_side: Optional[int] = None,
+    shard: Optional[Tuple[int, int]] = None,
 ) -> ExtractResult:
     """Extract every video under ``src`` into ``out``; resumable, see the module docstring.
 
-    ``max_long_side`` None: :func:`default_max_long_side` of ``short_side``. Returns the manifest (all
-    finished videos in ``out``), the failures of this run, the partial videos and counts.
+    ``max_long_side`` None: :func:`default_max_long_side` of ``short_side``. ``shard`` (i, n), 1 <= i <= n: only
+    the videos of shard i of n (:func:`shard_of`), beside the other shards' processes, see :class:`ShardRecords`.
+    Returns the manifest (all finished videos in ``out``), the failures of this run, the partial videos and counts.
     """
     if not 1 <= quality <= 100:
         raise ValueError(f"--quality must be in 1..100, got {quality}")
@@ -536,67 +569,247 @@ def run_extraction(
     if workers is None:
         workers = _common.default_workers()
     out.mkdir(parents=True, exist_ok=True)
-    manifest_path = out / MANIFEST_NAME
-    with _lock(out):
-        removed = _remove_leftovers(out, videos)
-        if removed:
-            logger.info("removed %d unfinished temporary folder(s) of an earlier run", removed)
-        manifest: Dict[str, int] = {}
-        flags: Dict[str, Tuple[str, ...]] = {}
-        if manifest_path.exists():
-            previous = _common.read_manifest_entries(manifest_path, strict=False)
-            for f, (n, fl) in previous.items():
-                if folder_is_complete(out / f, n):
-                    manifest[f], flags[f] = n, fl
-            if len(manifest) != len(previous):
-                logger.info("%d manifest entries had no complete folder and will be redone", len(previous) - len(manifest))
-        known = {v.folder for v in videos}
-        stale = [f for f in manifest if f not in known]
-        if stale:
-            logger.warning("%d manifest entries have no video under %s (kept), e.g. %s", len(stale), src, stale[0])
-        # Rewriting drops a partial last line: appending after it would glue two lines together.
-        _common.atomic_write_text(manifest_path, _manifest_text(manifest, flags))
+    job_args = (str(out), short_side, quality, keep_partial, max_long_side)
+    if shard is None:
+        with _lock(out / LOCK_NAME, f"another extract_frames.py run is using {out} (lock {out / LOCK_NAME})"):
+            return _extract(out, src, list(videos), PlainRecords(out), workers, job_args, progress)
+    index, count = shard
+    mine = [v for v in videos if shard_of(v.rel, count) == index - 1]
+    logger.info("shard %d/%d: %d of the %d videos under %s (chosen by a hash of their path)", index, count,
+                len(mine), len(videos), src)
+    with _lock(out / LOCK_NAME, f"a run without --shard is using {out} (lock {out / LOCK_NAME}); run the shards "
+                                f"once it is done", shared=True):
+        records = ShardRecords(out, index, count, mine)
+        with _lock(records.lock, f"shard {index}/{count} of {out} is being extracted by another process (lock "
+                                 f"{records.lock})"):
+            return _extract(out, src, mine, records, workers, job_args, progress)
 
-        todo = [v for v in videos if v.folder not in manifest]
-        skipped = len(videos) - len(todo)
-        if skipped:
-            logger.info("%d of %d videos already extracted; %d to do", skipped, len(videos), len(todo))
-        # Partial videos kept by an earlier run stay recorded as such.
-        earlier = _read_failures(out / FAILURES_NAME)
-        partial = {v.rel: earlier.get(v.rel, "partial, kept with --keep-partial by an earlier run")
-                   for v in videos if PARTIAL_FLAG in flags.get(v.folder, ())}
-        failures: Dict[str, str] = {}
-        extracted = 0
-        appender = _ManifestAppender(manifest_path)
-        bar = tqdm(total=len(todo), desc="extracting", unit="video", disable=not progress, dynamic_ncols=True)
 
-        def on_done(v: Video, status: str, value) -> None:
-            nonlocal extracted
-            if status == "ok":
-                appender.add(v.folder, value.num_frames, value.flags)
-                manifest[v.folder], flags[v.folder] = value.num_frames, value.flags
-                failures.pop(v.rel, None)
-                if value.partial:
-                    partial[v.rel] = value.partial
-                extracted += 1
-            else:
-                failures[v.rel] = str(value)
-                logger.warning("failed: %s: %s", v.rel, value)
-            bar.update(1)
-            bar.set_postfix(failed=len(failures), refresh=False)
+def _extract(out: Path, src: Path, videos: List[Video], records, workers: int, job_args: Tuple,
+             progress: bool) -> ExtractResult:
+    """Extract the ``videos`` not yet done into ``out``; ``records`` keeps the manifest and failures."""
+    removed = _remove_leftovers(out, videos, only_theirs=isinstance(records, ShardRecords))
+    if removed:
+        logger.info("removed %d unfinished temporary folder(s) of an earlier run", removed)
+    manifest, flags, earlier = records.start(videos)
+    known = {v.folder for v in videos}
+    stale = [f for f in manifest if f not in known and isinstance(records, PlainRecords)]
+    if stale:
+        logger.warning("%d manifest entries have no video under %s (kept), e.g. %s", len(stale), src, stale[0])
+    todo = [v for v in videos if v.folder not in manifest]
+    skipped = len(videos) - len(todo)
+    if skipped:
+        logger.info("%d of %d videos already extracted; %d to do", skipped, len(videos), len(todo))
+    # Partial videos kept by an earlier run stay recorded as such.
+    partial = {v.rel: earlier.get(v.rel, "partial, kept with --keep-partial by an earlier run")
+               for v in videos if PARTIAL_FLAG in flags.get(v.folder, ())}
+    failures: Dict[str, str] = {}
+    extracted = 0
+    appender = _ManifestAppender(records.appended)
+    bar = tqdm(total=len(todo), desc="extracting", unit="video", disable=not progress, dynamic_ncols=True)
 
-        try:
-            with logging_redirect_tqdm():
-                _run_jobs(todo, workers, (str(out), short_side, quality, keep_partial, max_long_side), on_done)
-        finally:
-            bar.close()
-            appender.close()
-        _common.atomic_write_text(manifest_path, _manifest_text(manifest, flags))
-        _common.atomic_write_text(out / FAILURES_NAME, _failures_text({**partial, **failures}))
+    def on_done(v: Video, status: str, value) -> None:
+        nonlocal extracted
+        if status == "ok":
+            appender.add(v.folder, value.num_frames, value.flags)
+            manifest[v.folder], flags[v.folder] = value.num_frames, value.flags
+            failures.pop(v.rel, None)
+            if value.partial:
+                partial[v.rel] = value.partial
+            extracted += 1
+        else:
+            failures[v.rel] = str(value)
+            logger.warning("failed: %s: %s", v.rel, value)
+        bar.update(1)
+        bar.set_postfix(failed=len(failures), refresh=False)
+
+    try:
+        with logging_redirect_tqdm():
+            _run_jobs(todo, workers, job_args, on_done)
+    finally:
+        bar.close()
+        appender.close()
+    manifest, flags = records.finish(manifest, flags, {**partial, **failures})
     logger.info("done: %d extracted, %d skipped, %d failed, %d partial (see %s)", extracted, skipped, len(failures),
                 len(partial), out / FAILURES_NAME)
     return ExtractResult(manifest=manifest, failures=failures, videos=list(videos), extracted=extracted,
                          skipped=skipped, out=out, flags=flags, partial=partial)
+
+
+# --------------------------------------------------------------------------------------------
+# The manifest and failures of one run, or of one shard among several
+# --------------------------------------------------------------------------------------------
+SHARDS_DIR = ".shards"  # OUT/.shards/: each --shard run's own records and locks
+_SHARD_FILE = re.compile(r"^(manifest|failures)-(\d+)-of-(\d+)\.txt$")
+
+
+def shard_of(rel: str, count: int) -> int:
+    """The shard (0-based, of ``count``) of the video ``rel`` (relative to SRC): a hash of the path, so every
+    process on every machine computes the same disjoint subsets, also when SRC gains videos."""
+    return int.from_bytes(hashlib.sha256(rel.encode("utf-8")).digest()[:8], "big") % count
+
+
+def parse_shard(spec: str) -> Tuple[int, int]:
+    """``"I/N"`` -> (I, N), 1 <= I <= N."""
+    m = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", spec or "")
+    if not m or not 1 <= int(m.group(1)) <= int(m.group(2)):
+        raise ValueError(f"--shard takes I/N with 1 <= I <= N (shard I of N, counted from 1), got {spec!r}")
+    return int(m.group(1)), int(m.group(2))
+
+
+def _shard_files(out: Path) -> List[Tuple[str, int, int, Path]]:
+    """(kind, index, count, path) of every shard record file under ``out/.shards``."""
+    folder = out / SHARDS_DIR
+    if not folder.is_dir():
+        return []
+    found = []
+    for p in sorted(folder.iterdir()):
+        m = _SHARD_FILE.match(p.name)
+        if m:
+            found.append((m.group(1), int(m.group(2)), int(m.group(3)), p))
+    return found
+
+
+def _read_manifest_if_any(path: Path) -> Dict[str, Tuple[int, Tuple[str, ...]]]:
+    return _common.read_manifest_entries(path, strict=False) if path.is_file() else {}
+
+
+def _write_manifest(path: Path, entries: Dict[str, Tuple[int, Tuple[str, ...]]]) -> None:
+    _common.atomic_write_text(path, _manifest_text({f: n for f, (n, _) in entries.items()},
+                                                   {f: fl for f, (_, fl) in entries.items()}))
+
+
+class PlainRecords:
+    """A run over all videos, alone in OUT: OUT/manifest.txt is appended to and rewritten sorted at the end; it
+    takes in what ``--shard`` runs left in OUT/.shards (their manifests and failures), so it is also the way to
+    merge the shards' records where the file system has no locks."""
+
+    def __init__(self, out: Path):
+        self.out = out
+        self.appended = out / MANIFEST_NAME
+
+    def start(self, videos: Sequence[Video]):
+        """(manifest, flags, earlier failures) with only complete folders; manifest.txt rewritten that way."""
+        previous = _read_manifest_if_any(self.appended)
+        earlier = _read_failures(self.out / FAILURES_NAME)
+        shard_files = _shard_files(self.out)
+        for kind, _, _, path in shard_files:
+            if kind == "manifest":
+                previous.update(_read_manifest_if_any(path))
+            else:
+                earlier.update(_read_failures(path))
+        manifest: Dict[str, int] = {}
+        flags: Dict[str, Tuple[str, ...]] = {}
+        for f, (n, fl) in previous.items():
+            if folder_is_complete(self.out / f, n):
+                manifest[f], flags[f] = n, fl
+        if len(manifest) != len(previous):
+            logger.info("%d manifest entries had no complete folder and will be redone", len(previous) - len(manifest))
+        # Rewriting drops a partial last line: appending after it would glue two lines together.
+        _common.atomic_write_text(self.appended, _manifest_text(manifest, flags))
+        for kind, _, _, path in shard_files:
+            if kind == "manifest":  # in manifest.txt now; the failures are kept until this run's are written
+                path.unlink()
+        self._earlier_shard_failures = [path for kind, _, _, path in shard_files if kind == "failures"]
+        return manifest, flags, earlier
+
+    def finish(self, manifest, flags, failures: Dict[str, str]):
+        _common.atomic_write_text(self.appended, _manifest_text(manifest, flags))
+        _common.atomic_write_text(self.out / FAILURES_NAME, _failures_text(failures))
+        for path in self._earlier_shard_failures:
+            path.unlink(missing_ok=True)
+        if (self.out / SHARDS_DIR).is_dir() and not _shard_files(self.out):  # only the shards' lock files are left
+            shutil.rmtree(self.out / SHARDS_DIR, ignore_errors=True)
+        return manifest, flags
+
+
+class ShardRecords:
+    """Shard I of N, with the other shards' processes (other machines) writing into the same OUT.
+
+    The shard appends its manifest lines to its own file, OUT/.shards/manifest-I-of-N.txt, and writes its failures
+    to OUT/.shards/failures-I-of-N.txt. Merges into OUT/manifest.txt and OUT/failures.txt run under an exclusive
+    lock (OUT/.shards/merge.lock), at the shard's start and end: manifest.txt becomes the union of itself and every
+    shard's file, where the shard's own videos have exactly the entries it checked (complete folders) or made;
+    failures.txt holds each shard's latest records. Only then, and only under a working lock, does the shard empty
+    its own files. So a line is never lost (it is in manifest.txt or in its shard's file, which the next merge
+    reads), never doubled (the union is by frames folder), whatever order the shards finish in, and a killed shard
+    is resumed by running it again. Without working locks nothing is ever removed; a run without ``--shard``
+    afterwards (or any shard's later merge) gives the complete files.
+    """
+
+    def __init__(self, out: Path, index: int, count: int, videos: Sequence[Video]):
+        self.out, self.index, self.count = out, index, count
+        folder = out / SHARDS_DIR
+        folder.mkdir(exist_ok=True)  # under the shared lock: a run without --shard, which removes it, is not running
+        self.appended = folder / f"manifest-{index}-of-{count}.txt"
+        self.failures = folder / f"failures-{index}-of-{count}.txt"
+        self.lock = folder / f"shard-{index}-of-{count}.lock"
+        self.merge_lock = folder / "merge.lock"
+        self.folders = {v.folder for v in videos}
+        self.rels = {v.rel for v in videos}
+        others = sorted({c for _, _, c, _ in _shard_files(out) if c != count})
+        if others:
+            raise RuntimeError(f"{out} holds the records of --shard runs over {others[0]} shards, not {count}: finish "
+                               f"those (rerun them with --shard I/{others[0]}), or merge them with one run without "
+                               f"--shard, before sharding the work another way")
+
+    def _merge(self, mine: Dict[str, Tuple[int, Tuple[str, ...]]], done: bool) -> Dict:
+        """Merge under the lock; then, if the lock is real, empty this shard's own files (``done``: remove them).
+
+        Returns the merged manifest.
+        """
+        with _lock(self.merge_lock, wait=True) as locked:
+            if locked:  # temporary files of a merge that was killed (every merge holds this lock)
+                for p in self.out.glob(f"{TMP_PREFIX}*"):
+                    if p.is_file() and p.name.startswith((f"{TMP_PREFIX}{MANIFEST_NAME}-",
+                                                          f"{TMP_PREFIX}{FAILURES_NAME}-")):
+                        p.unlink(missing_ok=True)
+            merged = _read_manifest_if_any(self.out / MANIFEST_NAME)
+            for kind, _, _, path in _shard_files(self.out):
+                if kind == "manifest":
+                    merged.update(_read_manifest_if_any(path))
+            merged = {f: e for f, e in merged.items() if f not in self.folders}
+            merged.update(mine)
+            _write_manifest(self.out / MANIFEST_NAME, merged)
+            failures = _read_failures(self.out / FAILURES_NAME)
+            owners = set()
+            shard_failures: Dict[str, str] = {}
+            for kind, index, _, path in _shard_files(self.out):
+                if kind == "failures":
+                    owners.add(index - 1)
+                    shard_failures.update(_read_failures(path))
+            failures = {r: why for r, why in failures.items() if shard_of(r, self.count) not in owners}
+            failures.update(shard_failures)
+            _common.atomic_write_text(self.out / FAILURES_NAME, _failures_text(failures))
+            if locked and done:  # both files are in the merged ones now
+                self.appended.unlink(missing_ok=True)
+                self.failures.unlink(missing_ok=True)
+            elif locked:  # this shard's lines are in manifest.txt now: its own file restarts empty
+                _common.atomic_write_text(self.appended, "")
+            elif done:
+                logger.warning("%s: no file locks here, so this shard's records stay in %s; once every shard is "
+                               "done, run once without --shard to merge them for certain", self.out,
+                               self.appended.parent)
+            return merged
+
+    def start(self, videos: Sequence[Video]):
+        for p in self.appended.parent.glob(f"{TMP_PREFIX}*-{self.index}-of-{self.count}.txt-*"):
+            p.unlink(missing_ok=True)  # this shard's own files' temporaries (it holds the shard lock)
+        every = _read_manifest_if_any(self.out / MANIFEST_NAME)
+        every.update(_read_manifest_if_any(self.appended))
+        mine = {f: e for f, e in every.items() if f in self.folders and folder_is_complete(self.out / f, e[0])}
+        if len(mine) != len([f for f in every if f in self.folders]):
+            logger.info("%d manifest entries had no complete folder and will be redone",
+                        len([f for f in every if f in self.folders]) - len(mine))
+        self._merge(mine, done=False)
+        earlier = {**_read_failures(self.out / FAILURES_NAME), **_read_failures(self.failures)}
+        return {f: n for f, (n, _) in mine.items()}, {f: fl for f, (_, fl) in mine.items()}, earlier
+
+    def finish(self, manifest, flags, failures: Dict[str, str]):
+        _common.atomic_write_text(self.failures, _failures_text({r: w for r, w in failures.items() if r in self.rels}))
+        mine = {f: (n, flags.get(f, ())) for f, n in manifest.items() if f in self.folders}
+        merged = self._merge(mine, done=True)
+        return {f: n for f, (n, _) in merged.items()}, {f: fl for f, (_, fl) in merged.items()}
 
 
 # --------------------------------------------------------------------------------------------
@@ -649,6 +862,9 @@ examples:
   python Dataset_creation_scripts/extract_frames.py data/UCF-101 data/ucf101_frames \\
       --classes lists/ucf101_classes.csv --list-out data/ucf101_all.txt
 
+  # Kinetics-400 over 3 machines sharing SRC and OUT: one command each (I = 1, 2, 3), in any order
+  python Dataset_creation_scripts/extract_frames.py data/k400/videos data/k400/frames --short-side 256 --shard 2/3
+
   # your own videos in class folders (SRC/<class>/<video>): frames, then lists and a config
   python Dataset_creation_scripts/extract_frames.py data/my_videos data/my_frames --short-side 256
   python Dataset_creation_scripts/build_lists.py folders data/my_frames --out-dir data/my_lists
@@ -690,6 +906,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--keep-extension", action="store_true",
                    help="videos that would share a frames folder (a.mkv and a.mov) get folders named with the "
                         "extension (a.mkv/, a.mov/) instead of stopping the run")
+    p.add_argument("--shard", metavar="I/N",
+                   help="extract only shard I of N (1 <= I <= N; a stable subset chosen by a hash of each video's "
+                        "path): N processes, on N machines, over one shared SRC and OUT; each merges its records "
+                        "into OUT's manifest and failures, and a killed one is resumed by running it again")
     p.add_argument("--classes", metavar="CSV", help="class list 'id,name'; labels come from each video's parent folder")
     p.add_argument("--list-out", metavar="FILE", help="with --classes: write '<folder> <num_frames> <label>' here")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -703,6 +923,10 @@ def main(argv=None) -> int:
     _common.setup_logging(args.verbose)
     if bool(args.classes) != bool(args.list_out):
         raise ValueError("--classes and --list-out go together")
+    shard = parse_shard(args.shard) if args.shard else None
+    if shard and args.list_out:
+        raise ValueError("--list-out lists every video, which one shard does not have: run it once the shards are "
+                         "done, without --shard (it extracts nothing again)")
     out = Path(args.out)
     videos = find_videos(args.src, args.ext, exclude=out, keep_extension=args.keep_extension)
     if not videos:
@@ -714,6 +938,7 @@ def main(argv=None) -> int:
     result = run_extraction(
         args.src, out, workers=args.workers, short_side=args.short_side, quality=args.quality,
         keep_partial=args.keep_partial, progress=not args.no_progress, videos=videos, max_long_side=args.max_long_side,
+        shard=shard,
     )
     if labels is not None:
         n = write_label_list(result, labels, args.list_out)

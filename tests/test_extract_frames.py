@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -236,3 +237,83 @@ def test_colliding_output_folders_are_refused(tmp_path):
     write_grey_video(src / "same.avi", 2)
     with pytest.raises(ValueError, match="same"):
         extract_frames.find_videos(src)
+
+
+def test_three_shards_one_killed_and_rerun_give_the_manifest_of_one_run(tmp_path):
+    """Three --shard processes over one SRC and OUT, run at the same time; shard 2 is SIGKILLed part-way (main
+    process and workers) and rerun after the others finished: the manifest, failures and frames are those of one
+    run over everything, no line lost or doubled."""
+    src = tmp_path / "src"
+    for i in range(12):
+        write_grey_video(src / f"class{i % 3}" / f"video{i}{'.mp4' if i % 2 else '.avi'}", 6 + i % 4, offset=i)
+    (src / "class1" / "noise.avi").write_bytes(np.random.default_rng(1).integers(0, 256, 4096, np.uint8).tobytes())
+    clean = tmp_path / "clean"
+    assert run_cli(src, clean, "--workers", "0").returncode == 1  # 1: the noise file is a failure
+    videos = extract_frames.find_videos(src)
+    owner = {v.rel: extract_frames.shard_of(v.rel, 3) + 1 for v in videos}
+    assert sorted(set(owner.values())) == [1, 2, 3]  # every shard has work
+    assert sum(1 for s in owner.values() if s == 2) >= 2
+    victim = sorted(r for r, s in owner.items() if s == 2 and not r.endswith("noise.avi"))[-1]  # not its first video
+
+    out = tmp_path / "out"
+    env = {k: v for k, v in os.environ.items() if k != FAULT_ENV}
+    procs = [subprocess.Popen([sys.executable, str(SCRIPTS / "extract_frames.py"), str(src), str(out), "--no-progress",
+                               "--workers", "1", "--shard", f"{i}/3"], stdout=subprocess.DEVNULL,
+                              stderr=subprocess.PIPE, text=True, start_new_session=True,
+                              env={**env, FAULT_ENV: f"killgroup:3:{victim}"} if i == 2 else env)
+             for i in (1, 2, 3)]
+    codes = [p.wait(timeout=120) for p in procs]
+    assert codes[1] == -signal.SIGKILL, procs[1].stderr.read()
+    _assert_manifest_honest(out)
+    assert f"{extract_frames.frames_folder(victim, Path(victim).suffix)} " not in manifest_body(out)
+    assert codes[0] in (0, 1) and codes[2] in (0, 1)  # 1 for the shard that has the noise file
+    proc = run_cli(src, out, "--workers", "1", "--shard", "2/3")  # the rerun of the killed shard
+    assert proc.returncode in (0, 1), proc.stderr
+    assert sorted(manifest_body(out).splitlines()) == sorted(manifest_body(clean).splitlines())
+    assert (out / "failures.txt").read_text() == (clean / "failures.txt").read_text()
+    assert {k: v for k, v in snapshot(out).items() if not k.startswith(".shards/")} == snapshot(clean)
+    assert {p.suffix for p in (out / ".shards").iterdir()} == {".lock"}  # every shard merged and removed its records
+    assert not [p for p in out.rglob(".tmp-*")]
+    # A run without --shard afterwards does nothing again and leaves the same files (and no .shards folder).
+    proc = run_cli(src, out, "--workers", "1")
+    assert proc.returncode == 1 and "12 of 13 videos already extracted; 1 to do" in proc.stderr, proc.stderr
+    assert snapshot(out) == snapshot(clean) and not (out / ".shards").exists()
+
+
+def test_shard_arguments_are_checked(tmp_path):
+    for bad in ("0/3", "4/3", "2", "a/b", "1/0"):
+        with pytest.raises(ValueError, match=r"--shard takes I/N with 1 <= I <= N"):
+            extract_frames.parse_shard(bad)
+    assert extract_frames.parse_shard("3/3") == (3, 3)
+    src = tmp_path / "src"
+    write_grey_video(src / "a.mp4", 2)
+    with pytest.raises(ValueError, match="--list-out lists every video"):
+        extract_frames.main([str(src), str(tmp_path / "out"), "--shard", "1/2", "--classes", "x.csv",
+                             "--list-out", str(tmp_path / "l.txt")])
+    (tmp_path / "out" / ".shards").mkdir(parents=True)
+    (tmp_path / "out" / ".shards" / "manifest-1-of-4.txt").write_text("")
+    with pytest.raises(RuntimeError, match=r"holds the records of --shard runs over 4 shards, not 2"):
+        extract_frames.run_extraction(src, tmp_path / "out", workers=0, progress=False, shard=(1, 2))
+
+
+def test_shard_merges_wait_for_each_other(tmp_path):
+    """The merge into manifest.txt is one process at a time: while another holds OUT/.shards/merge.lock, a shard
+    does not write manifest.txt (two merges at once could each drop the other's new lines)."""
+    import fcntl
+
+    src, out = tmp_path / "src", tmp_path / "out"
+    for i in range(4):
+        write_grey_video(src / f"v{i}.mp4", 3)
+    (out / ".shards").mkdir(parents=True)
+    fd = os.open(out / ".shards" / "merge.lock", os.O_RDWR | os.O_CREAT)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    try:
+        proc = subprocess.Popen([sys.executable, str(SCRIPTS / "extract_frames.py"), str(src), str(out),
+                                 "--no-progress", "--workers", "0", "--shard", "1/1"], stderr=subprocess.PIPE,
+                                text=True)
+        time.sleep(1.5)  # the shard has found its videos and waits for the lock to merge (its start takes ~0.5 s)
+        assert proc.poll() is None and not (out / "manifest.txt").exists(), "the shard merged without the lock"
+    finally:
+        os.close(fd)
+    assert proc.wait(timeout=60) == 0, proc.stderr.read()
+    assert manifest_body(out) == "v0 3\nv1 3\nv2 3\nv3 3\n"

@@ -205,6 +205,46 @@ def test_kill_at_random_point_then_rerun_gives_identical_files(demo, ckpt, tmp_p
     assert summary["last_run"]["already_done"] >= rows_at_kill - 4
 
 
+def test_torchrun_ranks_export_the_files_of_one_process_and_resume_each_its_own_part(demo, ckpt, tmp_path):
+    """``torchrun --nproc_per_node 2``: rank 1 is SIGKILLed after its second shard (its part folder keeps them),
+    torchrun restarts both ranks, each resumes its own part, rank 0 merges: every file byte-identical to a
+    single-process export of the same inputs (two of them unreadable)."""
+    src = tmp_path / "src"
+    src.mkdir()
+    folders = sorted(p for p in (demo / "frames").glob("*/*/*") if p.is_dir())
+    for i in range(22):
+        (src / f"v{i:03d}").symlink_to(folders[i % len(folders)], target_is_directory=True)
+    (src / "v005_broken.mp4").write_bytes(os.urandom(3000))
+    (src / "v019_empty.mp4").write_bytes(b"")
+    common = ["--model", str(ckpt), "--shard-size", "3", "--batch-size", "2", "--workers", "0", "--per-frame"]
+    one = tmp_path / "one"
+    assert run_export(src, "--out", one, *common) == 1  # 1: two videos could not be read
+    two, faults = tmp_path / "two", tmp_path / "faults.jsonl"
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "T2L_TEST_FAULTS": "0:1:2:SIGKILL",
+           "T2L_TEST_FAULT_LOG": str(faults)}
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           "--max-restarts", "1", "tests/with_faults.py", "extract_features.py", str(src), "--out",
+                           str(two), *common, "--no-progress"], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-4000:]  # complete: 0 under torchrun, the failures are in the files
+    assert [json.loads(line)["rank"] for line in faults.read_text().splitlines()] == [1]
+    assert "exitcode: -9" in done.stderr  # rank 1 was killed, and torchrun restarted the pair
+    assert folder_bytes(two) == folder_bytes(one)
+    assert not (two / extract_features.PARTS).exists()
+    summary = json.loads((two / "summary.json").read_text())
+    assert summary["exported"] == 22 and summary["failed"] == 2 and summary["last_run"]["ranks"] == 2
+    assert summary["last_run"]["already_done"] >= 6  # at least rank 1's two shards of 3 rows were not redone
+
+
+def test_each_rank_exports_whole_batches_of_a_contiguous_part():
+    for n, batch, world in ((24, 2, 2), (25, 4, 3), (3, 8, 4), (0, 2, 2)):
+        parts = [extract_features.rank_slice(n, batch, r, world) for r in range(world)]
+        assert parts[0][0] == 0 and parts[-1][1] == n
+        assert all(a[1] == b[0] for a, b in zip(parts, parts[1:]))  # disjoint and complete, in rank order
+        assert all(lo % batch == 0 for lo, _ in parts)  # each part starts at a single process's batch boundary
+    assert [extract_features.rank_slice(25, 4, r, 3) for r in range(3)] == [(0, 8), (8, 16), (16, 25)]
+
+
 @pytest.fixture(scope="module")
 def reference_export(demo, ckpt, tmp_path_factory):
     out = tmp_path_factory.mktemp("reference") / "out"

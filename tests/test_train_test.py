@@ -1,6 +1,7 @@
 """train.py and test.py end to end on generated videos (issue 5): contract, resume, torchrun, protocols, errors."""
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -140,13 +141,54 @@ def test_torchrun_two_processes_match_a_single_process(tmp_path):
     assert moved > 1e-3  # the steps changed the parameters, so the comparison above means something
 
 
-def test_torchrun_train_py_smoke(demo, tmp_path):
+TORCHRUN_OPTS = ("solver.epochs=1", "loss.gather=true", "data.batch_size=2")  # 4 steps of 2 ranks x 2 videos
+
+
+@pytest.fixture(scope="module")
+def torchrun_run(demo, tmp_path_factory):
+    """train.py under ``torchrun --nproc_per_node 2`` (gloo), uninterrupted; evaluated at the end of its epoch."""
+    out = tmp_path_factory.mktemp("torchrun")
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29518",
-           "train.py", *train_args(demo, tmp_path, "solver.epochs=1", "loss.gather=true", "data.batch_size=2")]
+           "train.py", *train_args(demo, out, *TORCHRUN_OPTS)]
     done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert trained(tmp_path)["step"] == 16 // (2 * 2)
+    return out
+
+
+def test_torchrun_train_py_smoke(torchrun_run):
+    assert trained(torchrun_run)["step"] == 16 // (2 * 2)
+
+
+def test_torchrun_restarts_after_a_signalled_rank_and_a_killed_rank_end_as_the_uninterrupted_run(demo, torchrun_run,
+                                                                                                  tmp_path):
+    """``torchrun --max-restarts 2`` (c10d rendezvous): attempt 0, rank 0 alone gets SIGTERM in step 2, both ranks
+    agree to checkpoint and exit 75; attempt 1 resumes part-way through the epoch, and rank 1 is SIGKILLed in step 4
+    (checkpoint.every_steps=2: the last checkpoint is step 2's); attempt 2 resumes from it and finishes. The result
+    is bit-equal to the uninterrupted torchrun run, and the kill lost less than the interval."""
+    from test_reliability import assert_same_checkpoint, metrics_rows
+
+    out, faults = tmp_path / "run", tmp_path / "faults.jsonl"
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "T2L_TEST_FAULT_LOG": str(faults),
+           "T2L_TEST_FAULTS": "0:0:2:SIGTERM,1:1:2:SIGKILL"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "--max-restarts",
+           "2", "tests/with_faults.py", "train.py", *train_args(demo, out, *TORCHRUN_OPTS, "checkpoint.every_steps=2")]
+    done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-4000:]
+    assert "exitcode: 75" in done.stderr and "exitcode: -9" in done.stderr  # both faults happened, then restarts
+    fired = [json.loads(line) for line in faults.read_text().splitlines()]
+    assert [(f["attempt"], f["rank"], f["signal"]) for f in fired] == [(0, 0, "SIGTERM"), (1, 1, "SIGKILL")]
+    log = (out / "log.txt").read_text()
+    assert "stopped on SIGTERM part-way through epoch 1 (step 2)" in log
+    resumed = [int(s) for s in re.findall(r"resumed from \S*mid_epoch\.pt: part-way through epoch 1 \(\d+ of 4 "
+                                          r"batches done\), step (\d+)", log)]
+    assert resumed == [2, 2]
+    assert fired[0]["steps_done"] + 1 == resumed[0]  # SIGTERM: the step in flight was finished and kept
+    lost = fired[1]["steps_done"] - resumed[1]  # SIGKILL: the steps since the last interval checkpoint
+    assert 0 <= lost < 2, lost
+    assert not (out / "mid_epoch.pt").exists()
+    assert_same_checkpoint(trained(torchrun_run), trained(out), "last.pt")
+    assert metrics_rows(out) == metrics_rows(torchrun_run)
 
 
 def test_frozen_clip_baseline_equals_t2l_at_identity(demo, tmp_path):

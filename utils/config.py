@@ -158,6 +158,10 @@ class LoggingSection:
 class CheckpointSection:
     save_full: bool = False            # also write a published-layout full checkpoint each epoch
     keep_every: int = 0                # also keep epoch_N.pt every N epochs (0 = only last and best)
+    # mid_epoch.pt part-way through an epoch, at the first optimiser step after either interval (0 = off); also
+    # written on SIGTERM/SIGUSR1. They bound what a kill loses; the run resumes from the later of it and last.pt.
+    every_steps: int = 0
+    every_minutes: float = 10.0
 
 
 @dataclass
@@ -405,6 +409,9 @@ def _validate(cfg: Config, source: str) -> None:
         raise ConfigError(f"{source}: eval.num_crops must be 1 or 3, got {cfg.eval.num_crops}")
     if cfg.data.num_workers < 0:
         raise ConfigError(f"{source}: data.num_workers must be >= 0, got {cfg.data.num_workers}")
+    if cfg.checkpoint.every_steps < 0 or cfg.checkpoint.every_minutes < 0:
+        raise ConfigError(f"{source}: checkpoint.every_steps and checkpoint.every_minutes must be >= 0 (0 = off), got "
+                          f"{cfg.checkpoint.every_steps} and {cfg.checkpoint.every_minutes}")
     if cfg.network.pretrained == "random" and not cfg.network.random_clip:
         raise ConfigError(f"{source}: network.pretrained is 'random', so network.random_clip must give the CLIP "
                           f"sizes (embed_dim, image_resolution, vision_layers, ...)")

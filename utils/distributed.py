@@ -51,7 +51,16 @@ def setup(device: str = "auto") -> DistInfo:
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
     if not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo")
+        backend = "nccl" if dev.type == "cuda" else "gloo"
+        attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT")
+        if attempt is None:
+            dist.init_process_group(backend=backend)
+        else:
+            # torchrun's workers share its store, which outlives a restart (--max-restarts): without a prefix of
+            # their own, a restarted group reads the addresses the killed attempt left there and cannot connect.
+            store, _, _ = next(dist.rendezvous("env://"))
+            dist.init_process_group(backend=backend, store=dist.PrefixStore(f"t2l/attempt_{attempt}", store),
+                                    rank=rank, world_size=world_size)
     return DistInfo(rank=rank, local_rank=local_rank, world_size=world_size, device=dev)
 
 
@@ -97,7 +106,16 @@ def all_gather_objects(obj):
 
 
 def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
+    return _all_reduce(x, "SUM")
+
+
+def all_reduce_max(x: torch.Tensor) -> torch.Tensor:
+    """The element-wise maximum over the ranks (a flag any rank raised); single process: ``x``."""
+    return _all_reduce(x, "MAX")
+
+
+def _all_reduce(x: torch.Tensor, op: str) -> torch.Tensor:
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         x = x.clone()
-        dist.all_reduce(x)
+        dist.all_reduce(x, op=getattr(dist.ReduceOp, op))
     return x
