@@ -38,7 +38,8 @@ from datasets.samplers import ResumableDistributedSampler
 from modules import T2LLoss, convert_to_fp16_like_published, save_published
 from modules.checkpoint import init_from_checkpoint
 from utils import distributed
-from utils.checkpoint import atomic_save, atomic_write_text, remove_stale_tmp, rng_state, set_rng_state
+from utils.checkpoint import atomic_save, rng_state, set_rng_state
+from utils.io import atomic_write_text, remove_stale_tmp
 from utils.config import check_paths, load_config, save_config
 from utils.logger import MetricsCSV, WandbLogger, plot_curves, setup_logging
 from utils.precision import Fp16MasterStep

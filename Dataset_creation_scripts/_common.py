@@ -21,7 +21,6 @@ import logging
 import os
 import re
 import sys
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple
@@ -34,6 +33,7 @@ if str(REPO_ROOT) not in sys.path:
 from datasets.lists import (MANIFEST_HEADER, MANIFEST_NAME, PARTIAL_FLAG, format_manifest_line,  # noqa: E402,F401
                             parse_manifest_line)
 from datasets.lists import read_manifest as read_manifest_entries  # noqa: E402
+from utils.io import atomic_write_text  # noqa: E402,F401
 
 logger = logging.getLogger(__name__)
 
@@ -63,7 +63,7 @@ def run_cli(main_fn, argv=None) -> int:
     """Run ``main_fn(argv)`` and turn the expected user errors into one clear message and exit code 2."""
     try:
         return int(main_fn(argv) or 0)
-    except (InputFormatError, FileNotFoundError, NotADirectoryError, ValueError, RuntimeError) as exc:
+    except (InputFormatError, OSError, ValueError, RuntimeError) as exc:  # OSError: a file it could not read or write
         logging.getLogger("main").error("%s", exc)
         return 2
     except KeyboardInterrupt:
@@ -72,39 +72,8 @@ def run_cli(main_fn, argv=None) -> int:
 
 
 # --------------------------------------------------------------------------------------------
-# Atomic writes
+# Atomic writes (utils.io's, as every writer of the project)
 # --------------------------------------------------------------------------------------------
-def atomic_write_text(path, text: str) -> None:
-    """Write ``text`` to ``path`` so that readers see either the old file or the complete new one.
-
-    The text goes to a temporary file in the same folder, is fsync'ed, then renamed over ``path``
-    (rename within one file system is atomic on POSIX).
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".tmp-{path.name}-", dir=str(path.parent))
-    try:
-        # mkstemp creates the file 0600; give it the mode an ordinary open() would have.
-        os.fchmod(fd, path.stat().st_mode & 0o777 if path.exists() else 0o666 & ~_umask())
-        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
 def write_lines_atomic(path, lines: Iterable[str]) -> int:
     """Write ``lines`` (without newlines) atomically, one per line; returns the number written."""
     lines = list(lines)

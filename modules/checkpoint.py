@@ -141,7 +141,7 @@ def save_published(model: T2L, path: str | Path, epoch: int = 0, half: bool = Tr
     sd = ours_to_published(model)
     if half:
         sd = {k: v.half() if v.is_floating_point() else v for k, v in sd.items()}
-    from utils.checkpoint import atomic_save  # the one atomic writer of the project
+    from utils.checkpoint import atomic_save  # torch.save through the atomic writer of utils.io
 
     atomic_save({"epoch": epoch, "model_state_dict": sd, "optimizer_state_dict": {}}, path)
 

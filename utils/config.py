@@ -392,7 +392,7 @@ def check_paths(cfg: Config, train: bool) -> None:
 
 def save_config(cfg: Config, path: str | Path) -> None:
     """Write the resolved config as YAML (the exact settings of a run, for the output folder), atomically."""
-    from utils.checkpoint import atomic_write_text
+    from utils.io import atomic_write_text
 
     atomic_write_text(path, yaml.safe_dump(cfg.to_dict(), sort_keys=False), what="config file")
 
