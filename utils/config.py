@@ -20,7 +20,7 @@ from typing import Any, Optional, Union
 import yaml
 
 from modules.t2l import T2LOptions
-from utils.config_files import ConfigError, apply_opts, deep_merge, parse_opts, read_config_tree  # noqa: F401
+from utils.config_files import ConfigError, parse_opts, read_config_tree  # noqa: F401 (parse_opts: for callers)
 
 logger = logging.getLogger(__name__)
 
