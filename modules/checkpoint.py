@@ -1,6 +1,6 @@
 """T2L checkpoints: the published layout (full fp16 model) and ours (T2L tensors + backbone identity).
 
-Published layout (METHOD.md): ``{"epoch", "model_state_dict", "optimizer_state_dict"}`` where
+Published layout (METHOD.md, "Files a user brings"): ``{"epoch", "model_state_dict", "optimizer_state_dict"}`` where
 ``model_state_dict`` holds every OpenAI CLIP key plus ``visual.temporal_embedding`` (1, T, D),
 ``visual.transformer.T_prompt_embeddings`` (L, T, D) and ``{visual.,}transformer.resblocks.{i}.Adapter.D_fc{1,2}``;
 keys may carry a ``module.`` prefix.

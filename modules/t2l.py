@@ -25,7 +25,7 @@ TEMPORAL_TOKEN_MODES = ("deep", "shallow", "none")
 
 @dataclass
 class T2LOptions:
-    """What T2L adds to CLIP. The defaults are the published model (METHOD.md).
+    """What T2L adds to CLIP. The defaults are the published model (METHOD.md, "What is added").
 
     This is the one declaration of the options: the config's ``network.t2l`` section (``utils.config``) is made
     from these fields, their types, defaults and :attr:`CHOICES`, so an option added here is settable there.

@@ -32,7 +32,7 @@ def test_every_shipped_config_validates_and_has_no_absolute_paths(path):
 
 
 def test_paper_recipe_is_the_default():
-    """The published K-400 config's recipe (METHOD.md, "Published code: the exact rules")."""
+    """The published K-400 config's recipe (METHOD.md, "Training recipe")."""
     cfg = load_config(ROOT / "configs/K-400/k400_train.yaml")
     assert (cfg.data.num_frames, cfg.data.input_size, cfg.data.batch_size) == (8, 224, 80)
     assert (cfg.solver.lr, cfg.solver.weight_decay, cfg.solver.betas, cfg.solver.eps) == (1e-4, 0.2, [0.9, 0.98], 1e-8)
