@@ -241,11 +241,10 @@ def build_faiss_index(collection: Collection, kind: str = "hnsw", hnsw_m: int = 
             "manifest_sha256": collection.manifest_sha256, "faiss_version": faiss.__version__,
             "build_seconds": round(time.perf_counter() - t0, 3)}
     folder = Path(out or collection.folder)
-    from utils.checkpoint import atomic_write
+    from utils.io import atomic_path, atomic_write
 
-    tmp = folder / f".{INDEX_FILE}.tmp"
-    faiss.write_index(index, str(tmp))
-    os.replace(tmp, folder / INDEX_FILE)
+    with atomic_path(folder / INDEX_FILE, what="index") as tmp:  # faiss writes to a file name
+        faiss.write_index(index, str(tmp))
     atomic_write(folder / INDEX_META, lambda f: f.write((json.dumps(meta, indent=2) + "\n").encode()))
     return index, meta
 

@@ -294,7 +294,7 @@ def frame_labels(segments: Sequence[Segment], num_frames: int) -> np.ndarray:
 
 # ---------------------------------------------------------------------------------------------- writing
 def _atomic_text(path: Path, text: str) -> None:
-    from utils.checkpoint import atomic_write_text
+    from utils.io import atomic_write_text
 
     atomic_write_text(path, text, what="timeline file")
 
@@ -353,7 +353,7 @@ def write_timeline(tl: Timeline, segments: Sequence[Segment], out: PathLike, top
     _atomic_text(paths["windows_csv"], _csv(rows, header))
     seg_header = ["segment", "start_frame", "end_frame", "start_s", "end_s", "class_id", "class", "mean_probability"]
     _atomic_text(paths["segments_csv"], _csv([[s[h] for h in seg_header] for s in segs], seg_header))
-    from utils.checkpoint import atomic_write
+    from utils.io import atomic_write
 
     atomic_write(paths["probabilities"], lambda f: np.save(f, tl.probs.astype(np.float32)))
     doc = {"video": tl.video, **(extra or {}), "fps": tl.fps, "num_frames": tl.num_frames,
@@ -415,7 +415,7 @@ def plot_timeline(tl: Timeline, segments: Sequence[Segment], path: PathLike, max
     strip.set_yticks([0], ["segments"], fontsize=8)
     strip.set_xlim(0, x_end)
     strip.set_xlabel(f"time ({unit})")
-    from utils.checkpoint import atomic_write
+    from utils.io import atomic_write
 
     try:  # atomically, like every result file: a full disk leaves no partial PNG, and the error names it
         atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=100, bbox_inches="tight"), what="timeline plot")

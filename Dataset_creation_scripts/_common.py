@@ -21,7 +21,6 @@ import logging
 import os
 import re
 import sys
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple
@@ -34,6 +33,7 @@ if str(REPO_ROOT) not in sys.path:
 from datasets.lists import (MANIFEST_HEADER, MANIFEST_NAME, PARTIAL_FLAG, format_manifest_line,  # noqa: E402,F401
                             parse_manifest_line)
 from datasets.lists import read_manifest as read_manifest_entries  # noqa: E402
+from utils.io import atomic_path, atomic_write_text  # noqa: E402,F401
 
 logger = logging.getLogger(__name__)
 
@@ -63,7 +63,7 @@ def run_cli(main_fn, argv=None) -> int:
     """Run ``main_fn(argv)`` and turn the expected user errors into one clear message and exit code 2."""
     try:
         return int(main_fn(argv) or 0)
-    except (InputFormatError, FileNotFoundError, NotADirectoryError, ValueError, RuntimeError) as exc:
+    except (InputFormatError, OSError, ValueError, RuntimeError) as exc:  # OSError: a file it could not read or write
         logging.getLogger("main").error("%s", exc)
         return 2
     except KeyboardInterrupt:
@@ -72,92 +72,72 @@ def run_cli(main_fn, argv=None) -> int:
 
 
 # --------------------------------------------------------------------------------------------
-# Atomic writes
+# Atomic writes (utils.io's, as every writer of the project)
 # --------------------------------------------------------------------------------------------
-def atomic_write_text(path, text: str) -> None:
-    """Write ``text`` to ``path`` so that readers see either the old file or the complete new one.
+def write_list_file(path, lines: Iterable[str]) -> int:
+    """Write list-file lines (:func:`format_list_line`) atomically; returns the number written.
 
-    The text goes to a temporary file in the same folder, is fsync'ed, then renamed over ``path``
-    (rename within one file system is atomic on POSIX).
+    Checked before it replaces ``path``: the file is read back with ``datasets.lists.read_list_file``, the reader of
+    train.py and test.py, and a line it would read otherwise (a folder name with leading or trailing spaces or a
+    line break) is refused, naming the file and line; the previous file is then kept.
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".tmp-{path.name}-", dir=str(path.parent))
-    try:
-        # mkstemp creates the file 0600; give it the mode an ordinary open() would have.
-        os.fchmod(fd, path.stat().st_mode & 0o777 if path.exists() else 0o666 & ~_umask())
-        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def write_lines_atomic(path, lines: Iterable[str]) -> int:
-    """Write ``lines`` (without newlines) atomically, one per line; returns the number written."""
     lines = list(lines)
-    atomic_write_text(path, "".join(line + "\n" for line in lines))
+    with atomic_path(path, what="list file") as tmp:
+        tmp.write_bytes("".join(line + "\n" for line in lines).encode("utf-8"))
+        if lines:
+            _check_list_reads_back(tmp, path, lines)
     return len(lines)
+
+
+def _check_list_reads_back(tmp: Path, path, lines: Sequence[str]) -> None:
+    from datasets.lists import ListFileError, read_list_file
+
+    try:
+        records = read_list_file(str(tmp))
+    except ListFileError as e:
+        raise ListFileError(str(e).replace(str(tmp), str(path))) from None
+    for line_no, line in enumerate(lines, start=1):
+        folder, num_frames, label = line.rsplit(" ", 2)
+        rec = records[line_no - 1] if line_no <= len(records) else None
+        if rec is None or (rec.line, rec.path, rec.num_frames, rec.label) != (line_no, folder, int(num_frames),
+                                                                               int(label)):
+            read = f"{rec.path!r} (line {rec.line})" if rec is not None else "nothing"
+            raise InputFormatError(path, line_no, f"the entry {folder!r} would be read back by train.py and test.py "
+                                                  f"(datasets.lists) as {read}: rename it without leading or trailing "
+                                                  f"spaces and line breaks")
+
+
+def _check_classes_read_back(tmp: Path, path, names: Sequence[str]) -> None:
+    from datasets.lists import ListFileError, load_class_list
+
+    try:
+        back = load_class_list(str(tmp))
+    except ListFileError as e:
+        raise ListFileError(str(e).replace(str(tmp), str(path))) from None
+    for i, name in enumerate(names):
+        if i >= len(back) or back[i] != name:
+            raise InputFormatError(path, i + 2, f"class {i} {name!r} would be read back by train.py and test.py "
+                                                f"(datasets.lists) as {back[i] if i < len(back) else None!r}: give "
+                                                f"it a name without leading or trailing spaces")
 
 
 # --------------------------------------------------------------------------------------------
 # Class lists and name matching
 # --------------------------------------------------------------------------------------------
 def read_classes_csv(path) -> List[str]:
-    """Read a class list CSV with header ``id,name`` and ids 0..K-1; returns the names indexed by id."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"class list not found: {path}")
-    with open(path, newline="", encoding="utf-8") as f:
-        reader = csv.reader(f)
-        rows = list(reader)
-    if not rows:
-        raise InputFormatError(path, 1, "empty file; expected a header 'id,name'")
-    header = [h.strip().lower() for h in rows[0]]
-    if header[:2] != ["id", "name"]:
-        raise InputFormatError(path, 1, f"expected the header 'id,name', got {','.join(rows[0])!r}")
-    by_id: Dict[int, str] = {}
-    for lineno, row in enumerate(rows[1:], start=2):
-        if not row or all(not c.strip() for c in row):
-            continue
-        if len(row) < 2:
-            raise InputFormatError(path, lineno, f"expected '<id>,<name>', got {','.join(row)!r}")
-        try:
-            cid = int(row[0])
-        except ValueError:
-            raise InputFormatError(path, lineno, f"class id {row[0]!r} is not an integer") from None
-        if cid in by_id:
-            raise InputFormatError(path, lineno, f"class id {cid} appears twice")
-        name = ",".join(row[1:]).strip() if len(row) > 2 else row[1].strip()
-        if not name:
-            raise InputFormatError(path, lineno, "empty class name")
-        by_id[cid] = name
-    if not by_id:
-        raise InputFormatError(path, None, "no classes listed")
-    if sorted(by_id) != list(range(len(by_id))):
-        missing = sorted(set(range(len(by_id))) - set(by_id))
-        raise InputFormatError(path, None, f"class ids must be 0..{len(by_id) - 1}; missing {missing[:10]}")
-    names = [by_id[i] for i in range(len(by_id))]
-    dup = _first_duplicate(names)
-    if dup is not None:
-        raise InputFormatError(path, None, f"class name {dup!r} appears twice")
-    return names
+    """The names (index = class id) of an ``id,name`` class list, read as train.py and test.py read it.
+
+    ``datasets.lists.load_class_list`` is the one reader of the format, so a class list these tools accept is one
+    the training accepts too; its errors name the file and line.
+    """
+    from datasets.lists import load_class_list
+
+    return load_class_list(os.fspath(path))
 
 
 def write_classes_csv(path, names: Sequence[str]) -> None:
-    """Write an ``id,name`` class list (ids 0..K-1 in the given order), quoting where CSV needs it."""
+    """Write an ``id,name`` class list (ids 0..K-1 in the given order), quoting where CSV needs it; checked before
+    it replaces ``path`` by reading it back with the reader of train.py and test.py (``load_class_list``)."""
     import io
 
     buf = io.StringIO()
@@ -165,16 +145,9 @@ def write_classes_csv(path, names: Sequence[str]) -> None:
     w.writerow(["id", "name"])
     for i, n in enumerate(names):
         w.writerow([i, n])
-    atomic_write_text(path, buf.getvalue())
-
-
-def _first_duplicate(items: Sequence[str]) -> Optional[str]:
-    seen = set()
-    for x in items:
-        if x in seen:
-            return x
-        seen.add(x)
-    return None
+    with atomic_path(path, what="class list") as tmp:
+        tmp.write_bytes(buf.getvalue().encode("utf-8"))
+        _check_classes_read_back(tmp, path, names)
 
 
 _NORM_DROP = re.compile(r"[\s_\-]+")

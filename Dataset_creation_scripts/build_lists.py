@@ -104,7 +104,7 @@ def _load(args) -> Tuple[ClassMatcher, ManifestIndex]:
 
 def _write(path: Path, lines: List[str]) -> None:
     _common.warn_comment_like(lines, path)
-    _common.write_lines_atomic(path, lines)
+    _common.write_list_file(path, lines)
     logger.info("wrote %s (%d lines)", path, len(lines))
 
 

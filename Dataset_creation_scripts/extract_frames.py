@@ -844,7 +844,7 @@ def write_label_list(result: ExtractResult, labels: Dict[str, int], list_out) ->
     if missing:
         logger.warning("%d video(s) failed and are not in %s", missing, list_out)
     _common.warn_comment_like(lines, list_out)
-    return _common.write_lines_atomic(list_out, lines)
+    return _common.write_list_file(list_out, lines)
 
 
 # --------------------------------------------------------------------------------------------

@@ -163,12 +163,12 @@ def run_b2n(args) -> None:
     for seed in args.seeds:
         picked = sample_per_class(train, args.shots, seed, classes=base, allow_fewer=args.allow_fewer)
         path = out / f"base_train_{args.shots}shot_seed{seed}.txt"
-        _common.write_lines_atomic(path, _relabel(picked, base_map))
+        _common.write_list_file(path, _relabel(picked, base_map))
         logger.info("wrote %s (%d videos)", path, len(picked))
     base_set, novel_set = set(base), set(novel)
     for name, keep, mapping in (("base_test.txt", base_set, base_map), ("novel_test.txt", novel_set, novel_map)):
         lines = _relabel(sorted((e for e in test if e[2] in keep), key=lambda e: (mapping[e[2]], e[0])), mapping)
-        _common.write_lines_atomic(out / name, lines)
+        _common.write_list_file(out / name, lines)
         logger.info("wrote %s (%d videos)", out / name, len(lines))
     logger.info("%d base and %d novel classes; labels are %s", len(base), len(novel),
                 "ids of --classes" if args.global_labels else "ids of base_classes.csv / novel_classes.csv")
@@ -184,7 +184,7 @@ def run_fewshot(args) -> None:
         for seed in args.seeds:
             picked = sample_per_class(train, k, seed, classes=range(len(names)), allow_fewer=args.allow_fewer)
             path = out / f"train_{k}shot_seed{seed}.txt"
-            _common.write_lines_atomic(path, [format_list_line(*e) for e in picked])
+            _common.write_list_file(path, [format_list_line(*e) for e in picked])
             logger.info("wrote %s (%d videos)", path, len(picked))
 
 

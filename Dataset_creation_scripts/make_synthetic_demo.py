@@ -36,6 +36,7 @@ import numpy as np
 from tqdm import tqdm
 
 import _common
+from utils.io import atomic_path  # noqa: E402  (the repository root is on sys.path via _common)
 
 logger = logging.getLogger("make_synthetic_demo")
 
@@ -231,9 +232,9 @@ def write_video(path, frames: np.ndarray, fps: int = FPS, codec: Optional[str] =
     codec = codec or pick_codec()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".tmp-{path.name}")
     T, H, W, _ = frames.shape
-    with av.open(str(tmp), "w", format="mp4") as container:
+    # A killed run never leaves a truncated .mp4 under the final name.
+    with atomic_path(path, what="video") as tmp, av.open(str(tmp), "w", format="mp4") as container:
         stream = container.add_stream(codec, rate=fps)
         stream.width, stream.height = W, H
         stream.pix_fmt = "yuv420p"
@@ -246,7 +247,6 @@ def write_video(path, frames: np.ndarray, fps: int = FPS, codec: Optional[str] =
                 container.mux(packet)
         for packet in stream.encode():
             container.mux(packet)
-    tmp.replace(path)  # a killed run never leaves a truncated .mp4 under the final name
 
 
 def _csv_text(rows: Sequence[Sequence], header: Sequence[str]) -> str:
@@ -343,9 +343,9 @@ def extract_and_list(out, workers: int = 2, progress: bool = True) -> Dict[str, 
     for split in ("train", "val"):
         folders = sorted(f for f in labels if f.startswith(split + "/"))
         lines = [_common.format_list_line(f, result.manifest[f], labels[f]) for f in folders]
-        _common.write_lines_atomic(out / f"{split}.txt", lines)
+        _common.write_list_file(out / f"{split}.txt", lines)
         video_of = {v.folder: v.rel for v in result.videos}
-        _common.write_lines_atomic(out / f"{split}_videos.txt",
+        _common.write_list_file(out / f"{split}_videos.txt",
                                    [_common.format_list_line(video_of[f], result.manifest[f], labels[f]) for f in folders])
         counts[split] = len(lines)
     return counts

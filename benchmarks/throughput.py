@@ -75,7 +75,8 @@ from modules import T2LLoss, build_t2l, random_clip  # noqa: E402
 
 logger = logging.getLogger("benchmarks.throughput")
 
-# The OpenAI sizes (METHOD.md); heads = width // 64 as OpenAI's loader infers them. "tiny" is the tests' model.
+# The OpenAI sizes (METHOD.md, "Shapes"); heads = width // 64 as OpenAI's loader infers them. "tiny" is the tests'
+# model.
 SIZES = {
     "tiny": dict(embed_dim=32, image_resolution=32, vision_layers=2, vision_width=128, vision_patch_size=8,
                  context_length=16, vocab_size=100, transformer_width=64, transformer_heads=1,

@@ -10,7 +10,6 @@ import hashlib
 import logging
 import os
 import socket
-import tempfile
 import threading
 import urllib.error
 import urllib.parse
@@ -20,6 +19,8 @@ from pathlib import Path
 from typing import List, Optional, Union
 
 from tqdm import tqdm
+
+from utils.io import atomic_path
 
 from .errors import CLIPLoadError
 from .model import CLIPConfig
@@ -146,30 +147,26 @@ def _resolve_host(url: str, timeout: float) -> None:
 def _fetch(spec: PretrainedSpec, target: Path) -> None:
     """Download ``spec.url`` into ``target`` atomically, verifying the SHA-256 on the way."""
     _resolve_host(spec.url, CONNECT_TIMEOUT_S)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{spec.filename}.", suffix=".part", dir=target.parent)
-    tmp = Path(tmp_name)
-    try:
-        with os.fdopen(fd, "wb") as out, urllib.request.urlopen(spec.url, timeout=CONNECT_TIMEOUT_S) as src:
-            # The connect timeout also bounds every read; once connected, allow longer stalls. The socket sits
-            # behind a few private attributes, hence the guarded lookups.
-            sock = getattr(getattr(getattr(src, "fp", None), "raw", None), "_sock", None)
-            if sock is not None:
-                sock.settimeout(READ_TIMEOUT_S)
-            total = int(src.headers.get("Content-Length") or 0) or None
-            digest = hashlib.sha256()
-            with tqdm(total=total, unit="B", unit_scale=True, desc=f"downloading {spec.filename}") as bar:
-                for chunk in iter(lambda: src.read(_CHUNK), b""):
-                    out.write(chunk)
-                    digest.update(chunk)
-                    bar.update(len(chunk))
+    # Into a temporary file next to target, renamed over it only once complete and verified (utils.io); a network
+    # error propagates as it is, for download() to explain.
+    with atomic_path(target, name_errors=False) as tmp, open(tmp, "wb") as out, \
+            urllib.request.urlopen(spec.url, timeout=CONNECT_TIMEOUT_S) as src:
+        # The connect timeout also bounds every read; once connected, allow longer stalls. The socket sits
+        # behind a few private attributes, hence the guarded lookups.
+        sock = getattr(getattr(getattr(src, "fp", None), "raw", None), "_sock", None)
+        if sock is not None:
+            sock.settimeout(READ_TIMEOUT_S)
+        total = int(src.headers.get("Content-Length") or 0) or None
+        digest = hashlib.sha256()
+        with tqdm(total=total, unit="B", unit_scale=True, desc=f"downloading {spec.filename}") as bar:
+            for chunk in iter(lambda: src.read(_CHUNK), b""):
+                out.write(chunk)
+                digest.update(chunk)
+                bar.update(len(chunk))
         if digest.hexdigest() != spec.sha256:
             raise CLIPLoadError(
                 f"the download of {spec.url} has SHA-256 {digest.hexdigest()}, expected {spec.sha256} (the "
                 f"checksum in its address); the file was discarded. Try again. " + _manual_instructions(spec, target))
-        os.replace(tmp, target)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def download(name: str, download_root: Optional[Union[str, os.PathLike]] = None) -> Path:

@@ -5,7 +5,7 @@ normalised with the CLIP mean and std. Every random choice (crop, flip, jitter f
 is drawn once per clip from the ``torch.Generator`` passed in, so all T frames get the same
 augmentation and a given generator state gives the same result in any process.
 
-Training (METHOD.md): multi-scale crop (scales 1, .875, .75, .66 of the short side, aspect ratios
+Training (METHOD.md, "Training recipe"): multi-scale crop (scales 1, .875, .75, .66 of the short side, aspect ratios
 from neighbouring scales, 13 fixed positions) resized to S x S; horizontal flip p=0.5 (turn off for
 Something-Something); colour jitter p=0.8 (brightness 0.4, contrast 0.4, saturation 0.2, hue 0.1,
 in random order); greyscale p=0.2.

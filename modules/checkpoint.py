@@ -1,6 +1,6 @@
 """T2L checkpoints: the published layout (full fp16 model) and ours (T2L tensors + backbone identity).
 
-Published layout (METHOD.md): ``{"epoch", "model_state_dict", "optimizer_state_dict"}`` where
+Published layout (METHOD.md, "Files a user brings"): ``{"epoch", "model_state_dict", "optimizer_state_dict"}`` where
 ``model_state_dict`` holds every OpenAI CLIP key plus ``visual.temporal_embedding`` (1, T, D),
 ``visual.transformer.T_prompt_embeddings`` (L, T, D) and ``{visual.,}transformer.resblocks.{i}.Adapter.D_fc{1,2}``;
 keys may carry a ``module.`` prefix.
@@ -141,7 +141,7 @@ def save_published(model: T2L, path: str | Path, epoch: int = 0, half: bool = Tr
     sd = ours_to_published(model)
     if half:
         sd = {k: v.half() if v.is_floating_point() else v for k, v in sd.items()}
-    from utils.checkpoint import atomic_save  # the one atomic writer of the project
+    from utils.checkpoint import atomic_save  # torch.save through the atomic writer of utils.io
 
     atomic_save({"epoch": epoch, "model_state_dict": sd, "optimizer_state_dict": {}}, path)
 

@@ -245,7 +245,8 @@ def export_model_folder(src: PathLike, out_dir: PathLike, full: bool = False, tr
     ``full``: include the frozen CLIP (needed for published checkpoints, whose CLIP lives in the file). An existing
     non-empty ``out_dir`` is refused unless ``overwrite`` (and then only a model folder is replaced, file by file).
     """
-    from utils.checkpoint import atomic_write, safe_load
+    from utils.checkpoint import safe_load
+    from utils.io import atomic_write
 
     from .checkpoint import load_t2l
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import asdict, dataclass, fields
-from typing import Iterator, Optional
+from typing import ClassVar, Iterator, Optional
 
 import torch
 import torch.nn.functional as F
@@ -25,7 +25,14 @@ TEMPORAL_TOKEN_MODES = ("deep", "shallow", "none")
 
 @dataclass
 class T2LOptions:
-    """What T2L adds to CLIP. The defaults are the published model (METHOD.md)."""
+    """What T2L adds to CLIP. The defaults are the published model (METHOD.md, "What is added").
+
+    This is the one declaration of the options: the config's ``network.t2l`` section (``utils.config``) is made
+    from these fields, their types, defaults and :attr:`CHOICES`, so an option added here is settable there.
+    """
+
+    # The values a text option may take (checked here and, before any work, by the config).
+    CHOICES: ClassVar[dict] = {"temporal_tokens": TEMPORAL_TOKEN_MODES, "drop_path_mode": DROP_PATH_MODES}
 
     temporal_tokens: str = "deep"        # "deep": one set per vision block; "shallow": block 0 only; "none"
     adapter_ratio: float = 0.25          # adapter hidden width = ratio * block width
@@ -43,10 +50,9 @@ class T2LOptions:
     activation_checkpointing: bool = False
 
     def __post_init__(self):
-        if self.temporal_tokens not in TEMPORAL_TOKEN_MODES:
-            raise ValueError(f"temporal_tokens must be one of {TEMPORAL_TOKEN_MODES}, got {self.temporal_tokens!r}")
-        if self.drop_path_mode not in DROP_PATH_MODES:
-            raise ValueError(f"drop_path_mode must be one of {DROP_PATH_MODES}, got {self.drop_path_mode!r}")
+        for name, choices in self.CHOICES.items():
+            if getattr(self, name) not in choices:
+                raise ValueError(f"{name} must be one of {choices}, got {getattr(self, name)!r}")
         if not all(0.0 <= r < 1.0 for r in (self.prompt_dropout, self.drop_path_rate, self.attention_dropout_rate)):
             raise ValueError("prompt_dropout, drop_path_rate and attention_dropout_rate must lie in [0, 1)")
         if self.adapter_ratio <= 0:

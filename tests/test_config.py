@@ -32,7 +32,7 @@ def test_every_shipped_config_validates_and_has_no_absolute_paths(path):
 
 
 def test_paper_recipe_is_the_default():
-    """The published K-400 config's recipe (METHOD.md, "Published code: the exact rules")."""
+    """The published K-400 config's recipe (METHOD.md, "Training recipe")."""
     cfg = load_config(ROOT / "configs/K-400/k400_train.yaml")
     assert (cfg.data.num_frames, cfg.data.input_size, cfg.data.batch_size) == (8, 224, 80)
     assert (cfg.solver.lr, cfg.solver.weight_decay, cfg.solver.betas, cfg.solver.eps) == (1e-4, 0.2, [0.9, 0.98], 1e-8)
@@ -141,3 +141,36 @@ def test_deeply_nested_yaml_is_a_config_error_not_a_recursion_error(tmp_path):
         load_config(deep)
     with pytest.raises(ConfigError, match=r"with --opts: a value is nested too deeply"):
         load_config(None, ["seed=" + "{a: " * 3000 + "1" + "}" * 3000])
+
+
+def test_every_t2l_option_is_settable_from_the_config_and_reaches_the_model():
+    """network.t2l is derived from modules.t2l.T2LOptions: each field (and its choices) is a config key."""
+    import dataclasses
+    import json
+
+    import engine
+    from modules.t2l import T2LOptions
+
+    defaults = T2LOptions()
+    wanted = {}
+    for f in dataclasses.fields(T2LOptions):
+        default = getattr(defaults, f.name)
+        if f.name in T2LOptions.CHOICES:
+            wanted[f.name] = next(c for c in T2LOptions.CHOICES[f.name] if c != default)
+        elif isinstance(default, bool):
+            wanted[f.name] = not default
+        elif isinstance(default, float):
+            wanted[f.name] = default / 2
+        else:
+            pytest.fail(f"T2LOptions.{f.name}: give this test a non-default value of its type")
+    opts = [f"network.t2l.{k}={json.dumps(v)}" for k, v in wanted.items()]
+    cfg = load_config(ROOT / "configs/demo/demo_train.yaml", opts)
+    assert dataclasses.asdict(cfg.network.t2l) == wanted
+    assert load_config(None).network.t2l.__dict__ == defaults.to_dict()  # the same defaults
+    assert engine.build_model(cfg).options == T2LOptions(**wanted)
+    for name, choices in T2LOptions.CHOICES.items():
+        with pytest.raises(ConfigError, match=rf"network\.t2l\.{name}: must be one of {', '.join(choices)}"):
+            load_config(None, [f"network.t2l.{name}=nonsense"])
+    # The model's own range checks run on the config, before any work, naming the file.
+    with pytest.raises(ConfigError, match=r"demo_train\.yaml: network\.t2l: .*prompt_dropout.* must lie in \[0, 1\)"):
+        load_config(ROOT / "configs/demo/demo_train.yaml", ["network.t2l.prompt_dropout=1.5"])

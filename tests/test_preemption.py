@@ -24,6 +24,7 @@ import torch
 import train as train_script
 import with_faults
 from datasets.samplers import ResumableDistributedSampler
+from utils import training_state
 from utils.checkpoint import safe_load
 from utils.preemption import EXIT_REQUEUE, CheckpointClock, StopSignals
 
@@ -49,10 +50,10 @@ def reference(demo, tmp_path_factory):
 
 def progress(out: Path) -> int:
     """Global batches done by the checkpoint a rerun in ``out`` resumes from (0 when there is none)."""
-    path, ckpt = train_script.latest_checkpoint(out)
+    path, ckpt = training_state.latest_checkpoint(out)
     if path is None:
         return 0
-    epoch, batches = train_script.progress_of(ckpt or safe_load(path))
+    epoch, batches = training_state.progress_of(ckpt or safe_load(path))
     return epoch * BATCHES + batches
 
 
@@ -129,18 +130,18 @@ def test_resume_picks_the_later_checkpoint_and_a_restart_ignores_no_resume(tmp_p
     out = tmp_path
     torch.save({"epoch": 1, "format": "t2l"}, out / "last.pt")  # epochs 1-2 done
     torch.save({"epoch": 0, "position": {"epoch": 1, "batches": 3}}, out / "mid_epoch.pt")  # older: stale
-    assert train_script.latest_checkpoint(out)[0] == out / "last.pt"
+    assert training_state.latest_checkpoint(out)[0] == out / "last.pt"
     torch.save({"epoch": 1, "position": {"epoch": 2, "batches": 1}}, out / "mid_epoch.pt")  # part-way through epoch 3
-    assert train_script.latest_checkpoint(out)[0] == out / "mid_epoch.pt"
+    assert training_state.latest_checkpoint(out)[0] == out / "mid_epoch.pt"
     args = SimpleNamespace(resume=None, no_resume=True)
     for var in ("TORCHELASTIC_RESTART_COUNT", "SLURM_RESTART_COUNT"):
         monkeypatch.delenv(var, raising=False)
-    assert train_script.choose_resume(args, out)[0] is None  # a first start: --no-resume is obeyed
+    assert training_state.choose_resume(args, out)[0] is None  # a first start: --no-resume is obeyed
     monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "1")  # torchrun restarted the same command line
-    assert train_script.choose_resume(args, out)[0] == out / "mid_epoch.pt"
+    assert training_state.choose_resume(args, out)[0] == out / "mid_epoch.pt"
     monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "0")
     monkeypatch.setenv("SLURM_RESTART_COUNT", "2")  # a requeued Slurm job
-    assert train_script.choose_resume(SimpleNamespace(resume=str(out / "x.pt"), no_resume=False), out)[0] == \
+    assert training_state.choose_resume(SimpleNamespace(resume=str(out / "x.pt"), no_resume=False), out)[0] == \
         out / "mid_epoch.pt"
 
 
@@ -170,7 +171,7 @@ def test_signals_and_kills_at_seeded_points_then_resume_equals_an_uninterrupted_
             fired = stopped_run(argv, {n: (sig, "")})
             assert [r["steps_done"] for r in fired] == [done + n - 1]  # the signal came during this step ...
             assert progress(out) == done + n  # ... and the checkpoint holds it: nothing lost
-            ckpt = safe_load(out / train_script.latest_checkpoint(out)[0].name)
+            ckpt = safe_load(out / training_state.latest_checkpoint(out)[0].name)
             assert ckpt["step"] == done + n
     assert run_forked(argv, tmp_path / "final.log") == "finished", (tmp_path / "final.log").read_text()[-3000:]
     assert_equals_reference(out, reference)

@@ -1,5 +1,5 @@
-"""The published T2L code's rules, pinned by facts written out from its formulas and files (METHOD.md, "Published
-code: the exact rules"). No third-party code runs here: every expected value below is spelled out by hand.
+"""The published T2L code's rules, pinned by facts written out from its formulas and files (FIDELITY.md, "The rules,
+and where each lives"). No third-party code runs here: every expected value below is spelled out by hand.
 The frame rule is pinned in tests/test_sampling.py and the Pillow bicubic view in tests/test_datasets.py."""
 from __future__ import annotations
 

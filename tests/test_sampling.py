@@ -1,4 +1,4 @@
-"""Frame sampling (METHOD.md "Frame sampling"): TSN segments, short videos, multi-clip testing."""
+"""Frame sampling (METHOD.md "Frames"): TSN segments, short videos, multi-clip testing."""
 
 import numpy as np
 import pytest

@@ -2,6 +2,7 @@
 
 import json
 import logging
+import re
 import sys
 from pathlib import Path
 
@@ -267,3 +268,47 @@ def test_list_file_errors_name_the_line(tmp_path):
     bad = write(tmp_path / "l.txt", "a/b 10 0\na/c ten 1\n")
     with pytest.raises(ValueError, match=r"l\.txt:2: num_frames must be an integer, got 'ten'"):
         read_list_file(bad)
+
+
+# ------------------------------------------------------------------ the tools read and write as train.py reads
+@pytest.mark.parametrize("rows, error", [
+    # An unquoted comma in a name: the tools used to join the fields; train.py refuses the row.
+    ("0,Apply Eye Makeup\n1,Handstand, Pushups\n2,YoYo\n", r"ucf101_classes\.csv:3: expected 2 fields 'id,name'"),
+    # Ids out of order: the tools used to sort them; train.py needs them in order.
+    ("1,Handstand Pushups\n0,Apply Eye Makeup\n2,YoYo\n", r"ucf101_classes\.csv:2: ids must be 0\.\.K-1 in order"),
+])
+def test_a_class_list_train_py_would_refuse_is_refused_by_the_tools_naming_file_and_line(tmp_path, ucf, rows,
+                                                                                          error):
+    sd, man, _ = ucf
+    classes = write(tmp_path / "ucf101_classes.csv", "id,name\n" + rows)
+    out = tmp_path / "lists"
+    with pytest.raises(ValueError, match=error):
+        build_lists.main(["ucf101", "--splits-dir", str(sd), "--manifest", str(man), "--classes", str(classes),
+                          "--out-dir", str(out), "--splits", "1"])
+    assert not out.exists() or not any(out.iterdir())
+    from datasets.lists import load_class_list
+    with pytest.raises(ValueError, match=error):  # the same message as train.py's
+        load_class_list(str(classes))
+
+
+def test_written_lists_and_class_lists_are_read_back_with_the_library_readers(tmp_path):
+    import _common
+    from datasets.lists import read_list_file as read_records
+
+    path = tmp_path / "train.txt"
+    assert _common.write_list_file(path, [_common.format_list_line("class a/v 1", 30, 0)]) == 1
+    assert [(r.path, r.num_frames, r.label) for r in read_records(str(path))] == [("class a/v 1", 30, 0)]
+    before = path.read_bytes()
+    for bad, line in ((" lead", 2), ("line\nbreak", 2), ("", 2)):  # each would read back as another entry
+        lines = [_common.format_list_line("ok", 5, 0), _common.format_list_line(bad, 7, 1)]
+        with pytest.raises(InputFormatError, match=rf"{re.escape(str(path))}:{line}: the entry {re.escape(repr(bad))} "
+                                                   rf"would be read back by train.py and test.py"):
+            _common.write_list_file(path, lines)
+        assert path.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["train.txt"]
+    classes = tmp_path / "classes.csv"
+    _common.write_classes_csv(classes, ["Apply, Eye", "b"])
+    assert _common.read_classes_csv(classes) == ["Apply, Eye", "b"]
+    with pytest.raises(InputFormatError, match=rf"{re.escape(str(classes))}:3: class 1 ' b' would be read back .* as "
+                                               rf"'b'"):
+        _common.write_classes_csv(classes, ["a", " b"])
+    assert _common.read_classes_csv(classes) == ["Apply, Eye", "b"]

@@ -1,69 +1,29 @@
-"""Checkpoint files: atomic writes and safe reads.
+"""Checkpoint files: atomic saves and safe reads.
 
-A checkpoint is written to a temporary file in the same folder, flushed to disk, then renamed over the final
-name, so a crash (or a full disk) mid-write leaves the previous file intact and a partial file is never picked
-up. Reads use ``torch.load(weights_only=True)``, which runs no code from the file; a file that needs full
+A checkpoint is written with :func:`utils.io.atomic_write` (a temporary file in the same folder, fsynced, renamed
+over the final name), so a crash (or a full disk) mid-write leaves the previous file intact and a partial file is
+never picked up. Reads use ``torch.load(weights_only=True)``, which runs no code from the file; a file that needs full
 unpickling is refused unless the caller says it trusts it.
 """
 from __future__ import annotations
 
 import io
 import logging
-import os
 import pickle
-import re
-import tempfile
 import zipfile
 from pathlib import Path
-from typing import Any, BinaryIO, Callable
+from typing import Any
 
 import torch
+
+# The writers live in utils.io; named here too, for the callers that write checkpoints and their companions.
+from utils.io import atomic_write, atomic_write_text, remove_stale_tmp  # noqa: F401
 
 logger = logging.getLogger(__name__)
 
 
 class UnsafeCheckpointError(RuntimeError):
     """The file needs full unpickling (it could run code); refused unless trusted explicitly."""
-
-
-def atomic_write(path: str | Path, write: Callable[[BinaryIO], None], what: str = "") -> None:
-    """``write(file)`` into a temporary file next to ``path``, fsync, rename over ``path``.
-
-    Readers see the old file or the complete new one, never a partial one; on failure the temporary file is
-    removed. An ``OSError`` (a full disk, a read-only folder) is raised again with the file's name (``what`` says
-    what it is: "checkpoint", "results file" ...) and the assurance that the previous file is unchanged; other
-    errors propagate as they are.
-    """
-    path = Path(path)
-    tmp = None
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException as e:
-        if tmp is not None:
-            try:
-                os.unlink(tmp)
-            except FileNotFoundError:
-                pass
-        if isinstance(e, OSError):
-            reason = f"[Errno {e.errno}] {e.strerror}" if e.errno and e.strerror else str(e)
-            error = OSError(f"could not write {what + ' ' if what else ''}{path}: {reason}; the previous file (if "
-                            f"any) is unchanged")
-            error.errno = e.errno  # kept, so that callers can still tell a full disk (ENOSPC) from other errors
-            raise error from e
-        raise
-    _fsync_dir(path.parent)
-
-
-def atomic_write_text(path: str | Path, text: str, what: str = "") -> None:
-    """:func:`atomic_write` of a UTF-8 text."""
-    data = text.encode("utf-8")
-    atomic_write(path, lambda f: f.write(data), what)
 
 
 def to_cpu(obj: Any) -> Any:
@@ -91,47 +51,6 @@ def atomic_save(obj: Any, path: str | Path) -> None:
         raise  # already names the file
     except Exception as e:  # torch's own writer errors (e.g. a RuntimeError from its zip writer on a full disk)
         raise OSError(f"could not write checkpoint {path}: {e}; the previous file (if any) is unchanged") from e
-
-
-# What atomic_save (and the metrics CSV writer) name their temporary files: ".<final name>.<8 random chars>.tmp".
-_TMP_NAME = re.compile(r"^\..+\.[A-Za-z0-9_]{8}\.tmp$")
-
-
-def remove_stale_tmp(folder: str | Path) -> list[str]:
-    """Delete the temporary files that killed writers left in ``folder``; returns their names.
-
-    Only names of the form ``.<name>.<8 characters>.tmp`` (``tempfile.mkstemp`` in :func:`atomic_save`) directly in
-    ``folder`` are removed; they are never read, so this only frees the space. Call it when no other process is
-    writing into ``folder``.
-    """
-    folder = Path(folder)
-    removed = []
-    if not folder.is_dir():
-        return removed
-    for entry in os.scandir(folder):
-        if _TMP_NAME.match(entry.name) and entry.is_file(follow_symlinks=False):
-            try:
-                os.unlink(entry.path)
-                removed.append(entry.name)
-            except FileNotFoundError:
-                pass
-    if removed:
-        logger.info("removed %d unfinished temporary file(s) of an interrupted run in %s: %s", len(removed), folder,
-                    ", ".join(sorted(removed)))
-    return sorted(removed)
-
-
-def _fsync_dir(folder: Path) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def safe_load(path: str | Path, trust: bool = False, map_location: str = "cpu") -> Any:

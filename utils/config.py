@@ -7,7 +7,6 @@ any work starts (``check_paths``). Paths in a config are relative to the directo
 """
 from __future__ import annotations
 
-import copy
 import dataclasses
 import logging
 import math
@@ -20,25 +19,26 @@ from typing import Any, Optional, Union
 
 import yaml
 
+from modules.t2l import T2LOptions
+from utils.config_files import ConfigError, parse_opts, read_config_tree  # noqa: F401 (parse_opts: for callers)
+
 logger = logging.getLogger(__name__)
 
 
-class ConfigError(ValueError):
-    """A config that cannot be used; the message names the key and, where known, the file."""
+def _section_of(options_cls, name: str):
+    """A config section with the fields, types and defaults of the dataclass ``options_cls``, and no validation of
+    its own: the values are checked by :func:`_build` (types, choices) and by ``options_cls`` in :func:`_validate`,
+    so that every error names the config file."""
+    hints = typing.get_type_hints(options_cls)
+    section = dataclasses.make_dataclass(name, [
+        (f.name, hints[f.name], field(default=f.default) if f.default is not dataclasses.MISSING else
+         field(default_factory=f.default_factory)) for f in fields(options_cls)])
+    section.__module__ = __name__
+    return section
 
 
-@dataclass
-class T2LSection:
-    temporal_tokens: str = "deep"
-    adapter_ratio: float = 0.25
-    vision_adapters: bool = True
-    text_adapters: bool = True
-    train_temporal_embedding: bool = False
-    prompt_dropout: float = 0.1
-    drop_path_rate: float = 0.1
-    drop_path_mode: str = "positions"     # positions (published) | samples
-    attention_dropout_rate: float = 0.1   # attention-probability dropout, rising over the blocks (published)
-    activation_checkpointing: bool = False
+# network.t2l: the model's own options (modules/t2l.py T2LOptions), declared there once.
+T2LSection = _section_of(T2LOptions, "T2LSection")
 
 
 @dataclass
@@ -198,96 +198,10 @@ _CHOICES = {
     ("data", "train_sampling"): ("segments", "test"),
     ("data", "transform_on"): ("auto", "loader", "device"),
     ("solver", "precision"): ("auto", "fp32", "bf16", "fp16", "fp16-pure"),
-    ("network", "t2l", "temporal_tokens"): ("deep", "shallow", "none"),
-    ("network", "t2l", "drop_path_mode"): ("positions", "samples"),
     ("network", "compile"): ("off", "default", "reduce-overhead", "max-autotune"),
     ("logging", "wandb_mode"): ("online", "offline", "disabled"),
+    **{("network", "t2l", name): choices for name, choices in T2LOptions.CHOICES.items()},
 }
-
-
-def _read_yaml(path: Path, seen: tuple = ()) -> dict:
-    """Read a YAML file with ``safe_load`` and merge it over the files it ``extends`` (recursively)."""
-    if not path.is_file():
-        raise ConfigError(f"config file not found: {path}")
-    if path.resolve() in seen:
-        raise ConfigError(f"{path}: 'extends' forms a cycle: {' -> '.join(str(p) for p in seen)}")
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML: {e}") from e
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: the top level must be a mapping of sections, got {type(data).__name__}")
-    parents = data.pop("extends", None)
-    if parents is None:
-        return data
-    merged: dict = {}
-    for parent in [parents] if isinstance(parents, str) else parents:
-        merged = deep_merge(merged, _read_yaml((path.parent / parent), seen + (path.resolve(),)))
-    return deep_merge(merged, data)
-
-
-def deep_merge(base: dict, override: dict) -> dict:
-    """Mappings merge key by key; anything else (lists included) in ``override`` replaces ``base``'s value."""
-    out = dict(base)
-    for k, v in override.items():
-        out[k] = deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-    return out
-
-
-def _parse_opt(opt: str) -> tuple[list[str], Any]:
-    """``"data.batch_size=8"`` -> ``(["data", "batch_size"], 8)``; the value is parsed as a YAML scalar/list."""
-    if "=" not in opt:
-        raise ConfigError(f"--opts entries are key=value with a dotted key (data.batch_size=8), got {opt!r}")
-    key, raw = opt.split("=", 1)
-    try:
-        value = yaml.safe_load(raw) if raw != "" else ""
-    except yaml.YAMLError:
-        value = raw
-    return key.strip().split("."), value
-
-
-def parse_opts(opts: list[str]) -> dict:
-    """``["data.batch_size=8", "solver.lr=1e-3"]`` -> nested dict; values are parsed as YAML scalars/lists."""
-    out: dict = {}
-    for opt in opts or []:
-        parts, value = _parse_opt(opt)
-        node = out
-        for part in parts[:-1]:
-            node = node.setdefault(part, {})
-        node[parts[-1]] = value
-    return out
-
-
-def apply_opts(data: dict, opts: list[str]) -> dict:
-    """``data`` with the ``--opts`` applied in order; a number in the key picks a list item.
-
-    ``eval.sets.0.root=data/frames`` changes one field of the first eval set and keeps the others (a mapping
-    value merges into a mapping, anything else replaces); ``eval.sets=[...]`` replaces the whole list.
-    """
-    out = copy.deepcopy(data)
-    for opt in opts or []:
-        parts, value = _parse_opt(opt)
-        node: Any = out
-        for i, part in enumerate(parts):
-            where = ".".join(parts[:i])
-            last = i == len(parts) - 1
-            if isinstance(node, list):
-                if not part.isdigit() or int(part) >= len(node):
-                    raise ConfigError(f"--opts {opt!r}: {where} is a list of {len(node)} item(s), so the key part "
-                                      f"after it must be an index 0..{len(node) - 1}, got {part!r}")
-                part = int(part)
-                current = node[part]
-            else:
-                current = node.get(part)
-            if last:
-                node[part] = deep_merge(current, value) if isinstance(value, dict) and isinstance(current, dict) \
-                    else value
-            elif isinstance(current, (dict, list)):
-                node = current
-            else:
-                node[part] = {}
-                node = node[part]
-    return out
 
 
 def _type_name(tp) -> str:
@@ -374,8 +288,7 @@ def load_config(path: Optional[str | Path], opts: Optional[list[str]] = None) ->
     """Read, merge, override and validate a config. ``path`` None gives the defaults (plus ``opts``)."""
     source = str(path) if path else "(defaults)"
     try:
-        data = _read_yaml(Path(path)) if path else {}
-        data = apply_opts(data, opts or [])
+        data = read_config_tree(path, opts)
         cfg = _build(Config, data, (), source if not opts else f"{source} with --opts")
     except RecursionError:  # raised by the YAML reader itself, or by the merge, on a value nested ~1000 deep
         raise ConfigError(f"{source}{' with --opts' if opts else ''}: a value is nested too deeply to be a config "
@@ -412,6 +325,10 @@ def _validate(cfg: Config, source: str) -> None:
     if cfg.checkpoint.every_steps < 0 or cfg.checkpoint.every_minutes < 0:
         raise ConfigError(f"{source}: checkpoint.every_steps and checkpoint.every_minutes must be >= 0 (0 = off), got "
                           f"{cfg.checkpoint.every_steps} and {cfg.checkpoint.every_minutes}")
+    try:
+        T2LOptions(**dataclasses.asdict(cfg.network.t2l))
+    except ValueError as e:
+        raise ConfigError(f"{source}: network.t2l: {e}") from None
     if cfg.network.pretrained == "random" and not cfg.network.random_clip:
         raise ConfigError(f"{source}: network.pretrained is 'random', so network.random_clip must give the CLIP "
                           f"sizes (embed_dim, image_resolution, vision_layers, ...)")
@@ -475,7 +392,7 @@ def check_paths(cfg: Config, train: bool) -> None:
 
 def save_config(cfg: Config, path: str | Path) -> None:
     """Write the resolved config as YAML (the exact settings of a run, for the output folder), atomically."""
-    from utils.checkpoint import atomic_write_text
+    from utils.io import atomic_write_text
 
     atomic_write_text(path, yaml.safe_dump(cfg.to_dict(), sort_keys=False), what="config file")
 

@@ -167,9 +167,10 @@ def exit_if_busy(owner: str, argv: list, folder_option: Optional[str] = None) ->
         if folder_option:
             folder = args.folder
         else:
-            from utils.config import load_config
+            from utils.config_files import read_config_tree  # plain YAML: no torch, no schema
 
-            folder = load_config(args.config, args.opts).output_dir if args.config else None
+            folder = read_config_tree(args.config, args.opts).get("output_dir") if args.config else None
+            folder = folder if isinstance(folder, str) else None  # (a default or odd output_dir: the real lock)
     except (Exception, SystemExit):
         return
     holder = holder_if_locked(folder) if folder else None

@@ -199,7 +199,7 @@ class MetricsCSV:
         self._write()
 
     def _write(self) -> None:
-        from utils.checkpoint import atomic_write_text
+        from utils.io import atomic_write_text
 
         buf = io.StringIO(newline="")
         if self._rows:
@@ -250,7 +250,7 @@ def plot_curves(csv_path: str | os.PathLike, png_path: str | os.PathLike) -> Non
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=8)
     fig.tight_layout()
-    from utils.checkpoint import atomic_write
+    from utils.io import atomic_write
 
     atomic_write(png_path, lambda f: fig.savefig(f, format="png"), what="training curves")
 

@@ -21,7 +21,7 @@ from typing import Sequence
 
 import torch
 
-from utils.checkpoint import atomic_write, atomic_write_text
+from utils.io import atomic_write, atomic_write_text
 
 logger = logging.getLogger(__name__)
 
@@ -135,7 +135,7 @@ def write_per_class_csv(rows: Sequence[dict], path: str | os.PathLike) -> None:
     """Write ``per_class_accuracy`` rows as CSV with header ``id,name,num_videos,top1``.
 
     ``top1`` is written with 4 decimals; a class without videos gets an empty cell. The file is written atomically
-    (``utils.checkpoint.atomic_write``), so a reader never sees half a table, and an I/O error names the file.
+    (``utils.io.atomic_write``), so a reader never sees half a table, and an I/O error names the file.
     """
     path = Path(path)
     buf = io.StringIO(newline="")
