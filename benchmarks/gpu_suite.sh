@@ -32,4 +32,7 @@ for rules in published centre; do
   $PY benchmarks/throughput.py "${common[@]}" --batch 32 --train-batch 32 --workers 16 --test-rules $rules \
       --contenders t2l,loader,loader-device,test-e2e --json "$OUT_DIR/b16_e2e_$rules.json" || status=1
 done
+# train.py's own epoch (bf16, transform on the GPU) next to the model-only training step, batch 32, 16 workers.
+$PY benchmarks/throughput.py "${common[@]}" --batch 32 --train-batch 32 --workers 16 --loader-videos 2048 \
+    --contenders train,loader-device,train-e2e --json "$OUT_DIR/b16_train_e2e.json" || status=1
 exit $status

@@ -22,6 +22,10 @@ Contenders (``--contenders``, default all):
   test-e2e    test.py's own evaluation loop (engine.score_dataset) on generated frame folders: loading, the test
               view (``--test-rules``; the centre rules' bilinear view runs on a GPU, the published Pillow view in
               the workers), T2L and the class scores, videos/s, next to the model-only t2l rate
+  train-e2e   train.py's own epoch (``train.train_one_epoch``, built by its ``build_data`` and ``build_solver``
+              from configs/base.yaml) over the same frame folders, one epoch per call: loading, the augmentation
+              (data.transform_on: auto, so on the device on a GPU), the step; videos/s, next to the model-only
+              train rate
 ``--compile`` adds torch.compile'd floor, t2l and train contenders (compile time is reported separately).
 
 Peak memory: on CUDA, ``torch.cuda.max_memory_allocated`` after a reset; on CPU, the resident-set high-water
@@ -55,6 +59,7 @@ import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable, Optional
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -89,7 +94,7 @@ SIZES = {
                      transformer_layers=12, vision_heads=12),
 }
 CONTENDERS = ("floor", "t2l", "xclip", "t2l-classify", "xclip-classify", "train", "train-ckpt", "loader",
-              "loader-device", "test-e2e")
+              "loader-device", "test-e2e", "train-e2e")
 COLUMNS = ("contender", "batch", "median", "unit", "min-max", "IQR", "per CPU-s", "peak MiB", "working MiB",
            "vs floor", "vs X-CLIP")
 
@@ -179,9 +184,9 @@ class Contender:
 
     name: str
     label: str
-    kind: str                      # "infer", "train" or "load"
+    kind: str                      # "infer", "train" (one step), "epoch" (train.py's epoch) or "load"
     run: Callable[[], None]
-    items: int                     # videos (infer/train) or clips (load) per run()
+    items: int                     # videos (infer/epoch), the batch (train) or clips (load) per run()
     resident_bytes: int = 0        # weights (+ optimiser state) it uses, for the "peak" column
     rates: list = field(default_factory=list)
     cpu_rates: list = field(default_factory=list)  # items per second of this process's CPU time
@@ -367,7 +372,7 @@ def build_contenders(args, device: torch.device, data_root: str) -> list[Contend
 
     w, h = (args.frame_width, args.frame_height)
     list_file = None
-    if {"loader", "loader-device", "test-e2e"} & set(wanted):
+    if {"loader", "loader-device", "test-e2e", "train-e2e"} & set(wanted):
         list_file = write_frame_folders(data_root, args.loader_videos, args.source_frames, w, h)
     workers = args.workers
     for name in ("loader", "loader-device"):
@@ -408,7 +413,44 @@ def build_contenders(args, device: torch.device, data_root: str) -> list[Contend
         out.append(Contender("test-e2e", f"test.py's evaluation loop ({args.test_rules} rules, {workers} workers, "
                                          f"frames {w}x{h} JPEG, {K} classes)", "infer", evaluate, len(test_set),
                              t2l_video_bytes, calls=1, workers=workers))
+    if "train-e2e" in wanted:
+        out.append(train_epoch_contender(args, device, data_root, list_file, size))
     return out
+
+
+def train_epoch_contender(args, device: torch.device, data_root: str, list_file: str, size: dict) -> Contender:
+    """train.py's own epoch, built as train.py builds it (its phases) with a random CLIP of ``size``."""
+    import train as train_script  # the entry point's module: its phases, not a copy of them
+    from utils.config import load_config
+    from utils.distributed import DistInfo
+    from utils.preemption import CheckpointClock
+
+    classes = os.path.join(data_root, "classes.csv")
+    with open(classes, "w") as f:
+        f.write("id,name\n" + "".join(f"{k},class {k}\n" for k in range(10)))  # write_frame_folders' labels
+    out_dir = os.path.join(data_root, "train_e2e")
+    size = dict(size, context_length=77, vocab_size=49408)  # train.py tokenises real class texts
+    opts = [f"output_dir={out_dir}", "network.pretrained=random", f"network.random_clip={json.dumps(size)}",
+            f"data.train_list={list_file}", f"data.root={data_root}", f"data.classes={classes}",
+            "data.text_mode=templates", f"data.num_frames={args.frames}", f"data.input_size={size['image_resolution']}",
+            f"data.batch_size={args.train_batch}", f"data.num_workers={args.workers}", "data.on_error=raise",
+            f"solver.precision={args.precision}", "solver.epochs=100000", "checkpoint.every_minutes=0", "eval.sets=[]"]
+    cfg = load_config(os.path.join(REPO, "configs", "base.yaml"), opts)
+    run = train_script.Run(cfg, DistInfo(device=device), Path(out_dir))
+    train_script.build_data(run)
+    train_script.build_solver(run, train_script.parse_args(["--config", "configs/base.yaml", "--no-resume"]))
+    progress, clock, epoch = train_script.Progress(), CheckpointClock(), [0]
+
+    def one_epoch():
+        train_script.train_one_epoch(run, progress, epoch[0], clock, None)
+        epoch[0] += 1
+
+    videos = len(run.loader) * args.train_batch
+    where = "on the device" if run.dataset.deferred else "in the workers"
+    resident = module_bytes(run.model) + 2 * tensor_bytes(p for _, p in run.model.trainable_parameters())
+    return Contender("train-e2e", f"train.py's epoch ({args.workers} workers, transform {where}, frames "
+                                  f"{args.frame_width}x{args.frame_height} JPEG, {cfg.solver.precision})", "epoch",
+                     one_epoch, videos, resident, calls=1, workers=args.workers)
 
 
 # ---------------------------------------------------------------------------------------------- timing
@@ -474,9 +516,9 @@ def result_rows(contenders: list[Contender], device: torch.device) -> list[dict]
     for c in contenders:
         med, lo, hi, q1, q3 = spread(c.rates)
         classify = c.name.endswith("classify")  # compared with the other classifier, not the encoders
-        in_process = device.type == "cpu" and not (c.kind == "load" and c.workers > 0)
+        in_process = device.type == "cpu" and not (c.kind in ("load", "epoch") and c.workers > 0)
         cpu_med = statistics.median(c.cpu_rates) if in_process else None
-        unit = {"infer": "videos/s", "train": "steps/s", "load": "clips/s"}[c.kind]
+        unit = {"infer": "videos/s", "epoch": "videos/s", "train": "steps/s", "load": "clips/s"}[c.kind]
         working = statistics.median(c.working) if c.kind != "load" else None
         row = dict(contender=c.label, name=c.name, kind=c.kind, batch=c.items, median=med, unit=unit, min=lo,
                    max=hi, q1=q1, q3=q3, cpu_median=cpu_med, cpu_rates=list(c.cpu_rates), working_mib=None if working is None else working / 2 ** 20,
@@ -526,6 +568,12 @@ def summary_lines(rows: list[dict], train_batch: int) -> list[str]:
         out.append(f"loading supplies {supply:.3g} clips/s, a training step consumes {demand:.3g} clips/s: "
                    f"{bound}-bound (loading at {supply / demand:.3g}x the need; on CPU the workers take cores from the "
                    f"model, which this interleaved measurement does not show)")
+    if "train-e2e" in by and "train" in by:
+        e2e, step = by["train-e2e"]["median"], by["train"]["videos_per_s"]
+        out.append(f"train.py's epoch: {e2e:.3g} videos/s, {e2e / step:.3g}x the model-only train step's {step:.3g}")
+    if "test-e2e" in by and "t2l" in by:
+        e2e, model = by["test-e2e"]["median"], by["t2l"]["median"]
+        out.append(f"test.py's loop: {e2e:.3g} videos/s, {e2e / model:.3g}x the model-only T2L rate {model:.3g}")
     for r in rows:
         if r["name"].endswith("compiled"):
             out.append(f"{r['contender']}: first call (compilation) {r['first_call_s']:.1f} s")

@@ -42,6 +42,11 @@ def _check_main(tmp_path, capsys):
     assert rows["train"]["peak_mib"] > rows["t2l"]["peak_mib"] > 0
     assert rows["loader"]["batch"] == 4 and rows["loader"]["peak_mib"] is None  # one pass over 4 clips
     assert "loading supplies" in printed and "T2L / floor" in printed
+    # The end-to-end contenders: test.py's loop and train.py's epoch over the 4 generated videos, in videos/s.
+    for name in ("test-e2e", "train-e2e"):
+        assert rows[name]["unit"] == "videos/s" and rows[name]["batch"] == 4, name
+    assert rows["train-e2e"]["vs_floor"] is None
+    assert "train.py's epoch:" in printed and "test.py's loop:" in printed
     assert json.loads(out_json.read_text())["rows"][0]["name"] == "floor"
 
 
