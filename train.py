@@ -36,7 +36,7 @@ from tqdm import tqdm
 import engine
 from datasets import VideoDataset, failure_summary_line
 from datasets.samplers import ResumableDistributedSampler
-from modules import T2LLoss, convert_to_fp16_like_published, make_checkpoint, save_published
+from modules import T2LLoss, convert_to_fp16_like_published, factory, make_checkpoint, save_published
 from modules.checkpoint import init_from_checkpoint, is_published
 from utils import distributed
 from utils.checkpoint import atomic_save, atomic_write_text, remove_stale_tmp, rng_state, safe_load, set_rng_state
@@ -418,7 +418,7 @@ def train(cfg, args, dist_info, out: Path, stop: Optional[StopSignals] = None) -
 
     # ---- model, optimiser, schedule
     resume, resume_ckpt = choose_resume(args, out, trust=cfg.network.trust_checkpoint)
-    model = engine.build_model(cfg)
+    model = factory.build_model(cfg)
     if cfg.network.init_from and not resume:
         init_from_checkpoint(model, cfg.network.init_from, trust=cfg.network.trust_checkpoint)
         logger.info("T2L tensors initialised from %s (network.init_from)", cfg.network.init_from)

@@ -290,7 +290,7 @@ def test_converter_command_writes_the_published_layout(tmp_path):
 
 
 def test_random_clip_positional_std_rescales_the_positional_embedding_only():
-    from modules.checkpoint import build_backbone
+    from modules.backbone import build_backbone
 
     plain = random_clip(TINY, 3)
     wide = random_clip({**TINY, "vision_positional_std": 0.5}, 3)
