@@ -13,6 +13,7 @@ import torch
 
 import test as test_script
 import train as train_script
+from modules import factory
 from utils.config import ConfigError
 from utils.schedule import WarmupCosine
 
@@ -193,7 +194,6 @@ def test_torchrun_restarts_after_a_signalled_rank_and_a_killed_rank_end_as_the_u
 def test_frozen_clip_baseline_equals_t2l_at_identity(demo, tmp_path):
     from modules import make_checkpoint
     from utils.checkpoint import atomic_save
-    from modules import factory
     from utils.config import load_config
 
     cfg = load_config("configs/demo/demo_train.yaml", TINY_OPTS + data_opts(demo, tmp_path) +
