@@ -6,6 +6,10 @@
     t = m.encode_texts(["a person jumping"])                # (1, E) float32, L2-normalised
     best = (v @ t.T).argmax(dim=1)                          # cosine similarity -> nearest text
 
+Layers: the model is loaded by ``modules.factory`` (the one model factory) and run by ``engine`` (the videos ->
+embeddings -> class probabilities that test.py uses); this module adds the files' preprocessing, the views and the
+readers of class and prompt files, for predict.py, extract_features.py, search.py and timeline.py.
+
 What is loaded (``load_model``): an OpenAI CLIP name (``ViT-B/16``) or a CLIP weight file/folder gives the
 frame-averaged CLIP (the zero-shot baseline of test.py); a checkpoint of this project, a published T2L
 checkpoint or a model folder (``python -m modules.checkpoint export``) gives T2L. Our checkpoints record the frozen
