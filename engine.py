@@ -1,4 +1,8 @@
-"""What train.py, test.py and predict.py share: building the model from a config, and scoring videos.
+"""The inference core every script shares: precision, class texts -> embeddings, videos -> embeddings -> class
+probabilities, and the evaluation of configured datasets (test.py, training's evaluation).
+
+Layers: ``modules.factory`` builds or loads the model; this module runs it; ``features`` is the public Python API
+on top of both (predict.py, extract_features.py, search.py, timeline.py go through it).
 
 Scoring (METHOD.md): text embeddings of every class text are computed once per evaluation; each video view
 (clips x crops) gets class probabilities softmax(100 * cos) per text view (template), and the probabilities are
@@ -8,8 +12,8 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import math
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
@@ -19,9 +23,8 @@ from torch import nn
 from torch.utils.data import DataLoader, Sampler
 from tqdm import tqdm
 
-import clip
 from datasets import TEST_RULES, PathRules, VideoDataset, load_class_list
-from modules import build_t2l, class_texts, load_t2l, random_clip, read_descriptions, tokenize_class_texts
+from modules import class_texts, read_descriptions, tokenize_class_texts
 from utils import distributed
 from utils.config import Config, EvalSet
 from utils.metrics import accuracy_metrics
@@ -30,58 +33,7 @@ from utils.protocols import class_subsets, mean_std, restrict_to_classes
 logger = logging.getLogger(__name__)
 
 
-# ---------------------------------------------------------------------------------------------- models
-def build_clip(cfg: Config) -> nn.Module:
-    """The frozen CLIP of ``network.pretrained``: a ``clip.load`` name or path, or a seeded random CLIP."""
-    if cfg.network.pretrained == "random":
-        logger.info("CLIP backbone: RANDOM initialisation (seed %d, sizes %s) -- a demo/test model, not "
-                    "pretrained weights", cfg.network.random_seed, cfg.network.random_clip)
-        return random_clip(cfg.network.random_clip, cfg.network.random_seed)
-    kwargs = {"download_root": cfg.network.clip_cache} if cfg.network.clip_cache else {}
-    return clip.load(cfg.network.pretrained, device="cpu", **kwargs)
-
-
-def build_model(cfg: Config, clip_model: Optional[nn.Module] = None) -> nn.Module:
-    """A fresh T2L (training) from the config's model options."""
-    clip_model = clip_model if clip_model is not None else build_clip(cfg)
-    return build_t2l(clip_model, num_frames=cfg.data.num_frames, **vars(cfg.network.t2l))
-
-
-class FrameAverageCLIP(nn.Module):
-    """The standard zero-shot baseline: the frozen CLIP on every frame, frame embeddings averaged."""
-
-    def __init__(self, clip_model: nn.Module):
-        super().__init__()
-        self.clip = clip_model
-        self.num_frames = None
-
-    def encode_video(self, videos: torch.Tensor):
-        B, T = videos.shape[:2]
-        frame_emb = self.clip.encode_image(videos.flatten(0, 1)).view(B, T, -1)  # (B*T, E) -> (B, T, E)
-        return frame_emb.mean(1), frame_emb
-
-    def encode_text(self, tokens: torch.Tensor) -> torch.Tensor:
-        return self.clip.encode_text(tokens)
-
-    @property
-    def logit_scale(self):
-        return self.clip.logit_scale
-
-
-def load_eval_model(cfg: Config, weights: Optional[str]) -> nn.Module:
-    """A T2L checkpoint (ours or published), or the frame-averaged CLIP baseline when ``weights`` is None."""
-    if weights is None:
-        logger.info("no T2L weights: evaluating the frozen CLIP baseline (frame-averaged %s)",
-                    cfg.network.pretrained)
-        return FrameAverageCLIP(build_clip(cfg)).eval()
-    clip_model = build_clip(cfg) if cfg.network.pretrained == "random" else None
-    model = load_t2l(weights, clip_model=clip_model, trust=cfg.network.trust_checkpoint)
-    if model.num_frames != cfg.data.num_frames:
-        raise ValueError(f"{weights} was trained with {model.num_frames} frames but data.num_frames is "
-                         f"{cfg.data.num_frames}; set --opts data.num_frames={model.num_frames}")
-    return model.eval()
-
-
+# ---------------------------------------------------------------------------------------------- precision
 COMPILE_MODES = ("off", "default", "reduce-overhead", "max-autotune")
 
 
@@ -145,9 +97,30 @@ def uses_fp16_weights(device: torch.device, precision: str) -> bool:
 
 
 # ---------------------------------------------------------------------------------------------- texts
-def class_tokens(classes_csv: str, descriptions_csv: Optional[str], text_mode: str,
-                 missing: str = "error") -> tuple[list, torch.Tensor]:
-    """(class names, token ids (V, K, L)) for a class list and its descriptions or the templates.
+@dataclass
+class ClassTexts:
+    """The texts of a class set: ``texts[v][k]`` is view v (a template, or the one description) of class k."""
+
+    names: list
+    texts: list
+    mode: str        # "descriptions" | "templates"
+    source: str
+
+    @classmethod
+    def build(cls, names: list, descriptions: Optional[dict], mode: str, source: str,
+              missing: str = "error") -> "ClassTexts":
+        """The one assembly of class texts (``modules.class_texts``): each class's description, or the templates."""
+        texts = class_texts(names, descriptions, mode=mode, source=source, missing=missing)
+        return cls(names=list(names), texts=texts, mode=mode, source=source)
+
+    def tokens(self) -> torch.Tensor:
+        """Token ids (V, K, L): the one tokenisation of class texts (a text too long is truncated, with a warning)."""
+        return tokenize_class_texts(self.texts, names=self.names, source=self.source)
+
+
+def load_class_texts(classes_csv: str, descriptions_csv: Optional[str], text_mode: str,
+                     missing: str = "error") -> ClassTexts:
+    """The class texts of a config's class list and its descriptions (``data.text_mode``) or the templates.
 
     ``missing``: what a class without a description gets: "error" or "template" (``data.missing_descriptions``).
     """
@@ -159,9 +132,14 @@ def class_tokens(classes_csv: str, descriptions_csv: Optional[str], text_mode: s
         else:
             logger.warning("no descriptions file for %s: using the prompt templates instead", classes_csv)
             text_mode = "templates"
-    source = str(descriptions_csv or classes_csv)
-    texts = class_texts(names, descriptions, mode=text_mode, source=source, missing=missing)
-    return names, tokenize_class_texts(texts, names=names, source=source)
+    return ClassTexts.build(names, descriptions, text_mode, str(descriptions_csv or classes_csv), missing)
+
+
+def class_tokens(classes_csv: str, descriptions_csv: Optional[str], text_mode: str,
+                 missing: str = "error") -> tuple[list, torch.Tensor]:
+    """(class names, token ids (V, K, L)) of :func:`load_class_texts` (training's text batch, evaluation)."""
+    texts = load_class_texts(classes_csv, descriptions_csv, text_mode, missing)
+    return texts.names, texts.tokens()
 
 
 TEXT_BATCH = 256  # texts per forward pass of the text tower: bounds the activations, whatever the number of classes
@@ -172,9 +150,10 @@ def encode_tokens(model: nn.Module, tokens: torch.Tensor, device: torch.device, 
                   batch_size: int = TEXT_BATCH) -> torch.Tensor:
     """Token ids (N, L) -> L2-normalised text embeddings (N, E), float32 on the CPU, ``batch_size`` texts at a time.
 
-    The one place the text tower runs on class texts (test.py, training's evaluation, predict.py, features). The
-    output is allocated once and filled batch by batch: keeping each batch's small result alive between the big
-    freed activations of the next ones fragments the heap so badly that 80,000 texts took 5.5 GB with a tiny CLIP.
+    Every script's text embeddings come from here (test.py, training's evaluation, predict.py, features); training
+    runs the text tower in its loss instead, with gradients. The output is allocated once and filled batch by batch:
+    keeping each batch's small result alive between the big freed activations of the next ones fragments the heap so
+    badly that 80,000 texts took 5.5 GB with a tiny CLIP.
     """
     out = None
     with autocast(device, precision):
@@ -193,6 +172,19 @@ def encode_class_texts(model: nn.Module, tokens: torch.Tensor, device: torch.dev
     """Token ids (V, K, L) -> L2-normalised text embeddings (V, K, E) on ``device``, in batches."""
     V, K, L = tokens.shape
     return encode_tokens(model, tokens.view(V * K, L), device, precision, batch_size).view(V, K, -1).to(device)
+
+
+# ---------------------------------------------------------------------------------------------- videos
+def encode_views(model: nn.Module, clips: torch.Tensor, device: torch.device,
+                 precision: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
+    """Preprocessed clips (B, V, T, 3, S, S) -> (video embeddings (B*V, E), frame embeddings (B*V, T, E)), view-minor.
+
+    Neither is normalised; on ``device`` in the compute dtype. Every script runs the model on test views here
+    (test.py, training's evaluation, predict.py, features, timelines).
+    """
+    x = clips.to(device, non_blocking=True).flatten(0, 1)  # (B, V, T, 3, S, S) -> (B*V, T, 3, S, S)
+    with autocast(device, precision):
+        return model.encode_video(x)
 
 
 # ---------------------------------------------------------------------------------------------- scoring
@@ -225,6 +217,14 @@ def video_scores(video_emb: torch.Tensor, text_emb: torch.Tensor, logit_scale: f
     return logits.softmax(dim=-1).mean(dim=1)
 
 
+def class_probabilities(view_emb: torch.Tensor, text_emb: torch.Tensor, logit_scale: float,
+                        num_views: int) -> torch.Tensor:
+    """Video embeddings of every view (B*V, E), view-minor, and text embeddings (V_text, K, E) -> class
+    probabilities (B, K): :func:`video_scores` per view, then averaged over the V video views (test.py's rule)."""
+    probs = video_scores(view_emb, text_emb, logit_scale)  # (B*V, K)
+    return probs.view(-1, num_views, probs.shape[-1]).mean(dim=1)  # (B*V, K) -> (B, V, K) -> (B, K)
+
+
 @torch.no_grad()
 def score_dataset(model: nn.Module, dataset: VideoDataset, text_emb: torch.Tensor, device: torch.device,
                   batch_size: int, num_workers: int, precision: str = "auto", dist_info=None,
@@ -245,10 +245,8 @@ def score_dataset(model: nn.Module, dataset: VideoDataset, text_emb: torch.Tenso
     failed = 0
     for batch in tqdm(loader, desc=desc, disable=rank != 0, leave=False, dynamic_ncols=True):
         video = dataset.finish(batch, device)  # (B, V, T, 3, S, S); the transform runs here when deferred
-        B, V = video.shape[:2]
-        with autocast(device, precision):
-            video_emb, _ = model.encode_video(video.flatten(0, 1))  # (B*V, T, 3, S, S) -> (B*V, E)
-        probs = video_scores(video_emb, text_emb, scale).view(B, V, -1).mean(dim=1)
+        view_emb, _ = encode_views(model, video, device, precision)  # (B*V, E)
+        probs = class_probabilities(view_emb, text_emb, scale, video.shape[1])
         scores.append(probs.cpu())
         labels.append(batch["label"])
         indices.append(batch["index"])
@@ -361,7 +359,3 @@ def strip_private(result: dict) -> dict:
     out = dict(result)
     out["splits"] = [{k: v for k, v in sp.items() if not k.startswith("_")} for sp in result["splits"]]
     return out
-
-
-def is_finite_number(x: float) -> bool:
-    return isinstance(x, (int, float)) and math.isfinite(x)

@@ -53,7 +53,7 @@ from datasets import TEST_RULES, SampleLoadError, read_list_file
 from datasets.readers import open_source
 from datasets.transforms import build_transform
 # The dataset's own test-view steps, so that a list file's frame counts are used exactly as test.py uses them.
-from datasets.video_dataset import _frame_count, _test_views
+from datasets.video_dataset import frame_count, sample_test_views
 from features import VIDEO_EXTENSIONS, VideoTextEncoder, find_videos, load_model, read_text_items
 from utils.checkpoint import UnsafeCheckpointError, atomic_write, atomic_write_text
 
@@ -107,8 +107,8 @@ class ExportVideos(Dataset):
         path, listed = self.entries[index]
         try:
             source = open_source(path, self.image_tmpl, self.index_start)
-            n = _frame_count(source, listed)
-            views = _test_views(source, n, self.num_frames, self.num_clips, self.transform, self.frame_rule)
+            n = frame_count(source, listed)
+            views = sample_test_views(source, n, self.num_frames, self.num_clips, self.transform, self.frame_rule)
             return {"index": index, "views": views, "num_frames": n, "error": ""}
         except SampleLoadError as e:
             return {"index": index, "views": None, "num_frames": 0, "error": e.reason or str(e)}

@@ -6,6 +6,10 @@
     t = m.encode_texts(["a person jumping"])                # (1, E) float32, L2-normalised
     best = (v @ t.T).argmax(dim=1)                          # cosine similarity -> nearest text
 
+Layers: the model is loaded by ``modules.factory`` (the one model factory) and run by ``engine`` (the videos ->
+embeddings -> class probabilities that test.py uses); this module adds the files' preprocessing, the views and the
+readers of class and prompt files, for predict.py, extract_features.py, search.py and timeline.py.
+
 What is loaded (``load_model``): an OpenAI CLIP name (``ViT-B/16``) or a CLIP weight file/folder gives the
 frame-averaged CLIP (the zero-shot baseline of test.py); a checkpoint of this project, a published T2L
 checkpoint or a model folder (``python -m modules.checkpoint export``) gives T2L. Our checkpoints record the frozen
@@ -30,7 +34,6 @@ import hashlib
 import json
 import logging
 import os
-import pickle
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Optional, Sequence, Union
@@ -40,18 +43,18 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-import clip
 import engine
 from datasets import TEST_RULES, load_class_list, load_video_clip
-from modules import TEMPLATES, class_texts, load_t2l, read_descriptions, tokenize_class_texts
-from modules.model_folder import is_model_folder, read_folder_config
+from engine import ClassTexts
+from modules import TEMPLATES, factory, read_descriptions, tokenize_class_texts
+from modules.factory import model_kind
 from utils.distributed import pick_device
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["VideoTextEncoder", "load_model", "model_kind", "ClassTexts", "TextItem", "read_class_texts",
-           "read_text_items", "csv_kind", "find_videos", "pool_views", "TEMPLATES", "VIDEO_EXTENSIONS",
-           "DEFAULT_FRAMES"]
+           "read_text_items", "csv_kind", "find_videos", "pool_views", "identity_for_hash", "TEMPLATES",
+           "VIDEO_EXTENSIONS", "DEFAULT_FRAMES"]
 
 PathLike = Union[str, os.PathLike]
 VIDEO_EXTENSIONS = (".mp4", ".avi", ".webm", ".mkv", ".mov", ".m4v", ".mpg", ".mpeg", ".flv", ".wmv", ".3gp",
@@ -139,7 +142,7 @@ class VideoTextEncoder:
 
     def settings(self) -> dict:
         """Everything that changes the embeddings: model identity, frames, size, views, frame naming, dtype."""
-        return {"model": _identity_for_hash(self.identity), "num_frames": self.num_frames,
+        return {"model": identity_for_hash(self.identity), "num_frames": self.num_frames,
                 "input_size": self.input_size, "num_clips": self.num_clips, "num_crops": self.num_crops,
                 "image_tmpl": self.image_tmpl, "index_start": self.index_start,
                 "dtype": str(self.dtype).replace("torch.", ""), "test_rules": self.test_rules}
@@ -168,13 +171,11 @@ class VideoTextEncoder:
     def encode_views(self, clips: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Preprocessed clips (B, V, T, 3, S, S) -> (view video embeddings (B*V, E), frame embeddings (B*V, T, E)).
 
-        Neither is normalised; float32 on the CPU. This is the one place the model runs on videos.
+        Neither is normalised; float32 on the CPU. The model runs in ``engine.encode_views``, as in test.py.
         """
         if clips.ndim != 6:
             raise ValueError(f"expected clips of shape (B, V, T, 3, S, S), got {tuple(clips.shape)}")
-        x = clips.to(self.device, non_blocking=True).flatten(0, 1)  # (B, V, T, 3, S, S) -> (B*V, T, 3, S, S)
-        with engine.autocast(self.device, self.precision):
-            video_emb, frame_emb = self.model.encode_video(x)
+        video_emb, frame_emb = engine.encode_views(self.model, clips, self.device, self.precision)
         return video_emb.float().cpu(), frame_emb.float().cpu()
 
     def encode_clips(self, clips: torch.Tensor, return_frames: bool = False):
@@ -231,10 +232,15 @@ class VideoTextEncoder:
         tokens = tokenize_class_texts([texts], source=source)[0]  # (1, N, L) -> (N, L)
         return engine.encode_tokens(self.model, tokens, self.device, self.precision, batch_size)
 
-    def encode_class_texts(self, class_text: "ClassTexts", batch_size: int = engine.TEXT_BATCH) -> torch.Tensor:
+    def encode_class_texts(self, class_text: ClassTexts, batch_size: int = engine.TEXT_BATCH) -> torch.Tensor:
         """The texts of a class set -> (V, K, E) on the CPU, exactly as test.py encodes them (``engine``)."""
-        tokens = tokenize_class_texts(class_text.texts, names=class_text.names, source=class_text.source)
-        return engine.encode_class_texts(self.model, tokens, self.device, self.precision, batch_size).cpu()
+        return engine.encode_class_texts(self.model, class_text.tokens(), self.device, self.precision,
+                                         batch_size).cpu()
+
+    def class_probabilities(self, view_emb: torch.Tensor, text_emb: torch.Tensor) -> torch.Tensor:
+        """View embeddings (B*V, E) from :meth:`encode_views` and class text embeddings (V_text, K, E) -> class
+        probabilities (B, K), scored exactly as test.py scores (``engine.class_probabilities``)."""
+        return engine.class_probabilities(view_emb, text_emb, self.logit_scale, self.num_views)
 
     # Singular aliases, for those who think of one call per batch.
     encode_video = encode_videos
@@ -246,51 +252,13 @@ def _input_resolution(model: nn.Module) -> Optional[int]:
     return getattr(visual, "input_resolution", None)
 
 
-def _identity_for_hash(identity: dict) -> dict:
-    """The identity without where the file lies: a moved or copied checkpoint gives the same features."""
+def identity_for_hash(identity: dict) -> dict:
+    """A model's identity (``VideoTextEncoder.identity``) without where the file lies: what makes two sets of
+    features comparable (a moved or copied checkpoint gives the same features; search.py checks exports by it)."""
     return {k: v for k, v in identity.items() if k != "source"}
 
 
 # ---------------------------------------------------------------------------------------------- loading
-def model_kind(name_or_path: PathLike, trust: bool = False) -> str:
-    """"t2l" for a T2L checkpoint (ours or published), "clip" for a CLIP name or CLIP weights.
-
-    Looks at the file's keys without loading its tensors (memory-mapped where possible). A file that needs
-    full unpickling is only opened with ``trust``; otherwise the error says so.
-    """
-    from clip.torchscript import is_torchscript_archive
-    from modules.checkpoint import FORMAT, is_published
-    from utils.checkpoint import safe_load
-
-    if isinstance(name_or_path, str) and name_or_path in clip.available_models():
-        return "clip"
-    path = Path(name_or_path).expanduser()
-    if not path.exists():
-        raise FileNotFoundError(f"model not found: {name_or_path!r} is neither a file or folder nor a CLIP name "
-                                f"({', '.join(clip.available_models())})")
-    if is_model_folder(path):  # python -m modules.checkpoint export: safetensors + config.json
-        return "t2l"
-    if path.is_dir() or path.suffix == ".safetensors" or is_torchscript_archive(path):
-        return "clip"
-    obj = None
-    for mmap in (True, False):  # mmap needs the zip format; older files are read whole
-        try:
-            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
-            break
-        except pickle.UnpicklingError:
-            obj = safe_load(path, trust=trust)  # raises the "pass --trust-checkpoint" error unless trusted
-            break
-        except Exception:  # not a torch file at all: clip.load gives the error that names the formats
-            continue
-    if isinstance(obj, dict) and (obj.get("format") == FORMAT or is_published(obj)):
-        return "t2l"
-    return "clip"
-
-
-def _file_sha256(path: Path) -> Optional[str]:
-    return clip.file_sha256(path) if path.is_file() else None
-
-
 def load_model(name_or_path: PathLike, device: Union[str, torch.device] = "auto", precision: str = "auto",
                num_frames: Optional[int] = None, input_size: Optional[int] = None, num_clips: int = 1,
                num_crops: int = 1, image_tmpl: str = "img_{:05d}.jpg", index_start: int = 1,
@@ -318,54 +286,22 @@ def load_model(name_or_path: PathLike, device: Union[str, torch.device] = "auto"
     device = pick_device(str(device)) if str(device) == "auto" else torch.device(device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {str(device)!r} was asked for but CUDA is not available on this machine")
-    source = os.fspath(name_or_path)
-    kind = model_kind(name_or_path, trust=trust)
-    if kind == "t2l":
-        model = load_t2l(source, trust=trust)
-        path = Path(source).expanduser()
-        if path.is_dir():  # a model folder: its identity is its weights file's, as config.json records it
-            ckpt_format, sha256 = "folder", read_folder_config(path).get("weights_sha256")
-        else:
-            ckpt_format = "published" if getattr(model.clip, "source_identity", {}).get("kind") == "published-t2l" \
-                else "ours"
-            sha256 = _file_sha256(path)
-        identity = {"kind": "t2l", "format": ckpt_format, "source": source, "sha256": sha256}
-        if ckpt_format in ("ours", "folder"):
-            # The backbone is part of what the checkpoint means: record it (name, its SHA-256, or random seed).
-            identity["backbone"] = {k: v for k, v in getattr(model.clip, "source_identity", {}).items()
-                                    if k in ("name_or_path", "sha256", "seed", "config")}
-        if num_frames is not None and int(num_frames) != model.num_frames:
-            raise ValueError(f"{source} was trained with {model.num_frames} frames per clip; got num_frames="
-                             f"{num_frames}. Leave it unset or pass {model.num_frames}")
-        frames = model.num_frames
-    else:
-        backbone = clip.load(source)
-        ident = getattr(backbone, "source_identity", {})
-        identity = {"kind": "clip", "source": source, "sha256": ident.get("sha256")}
-        model = engine.FrameAverageCLIP(backbone)
-        frames = int(num_frames or DEFAULT_FRAMES)
+    loaded = factory.load_model(name_or_path, trust=trust, num_frames=num_frames,
+                                frames_fix="leave it unset or pass {trained}")
+    model, kind, identity = loaded.model, loaded.kind, loaded.identity
+    frames = loaded.num_frames or int(num_frames or DEFAULT_FRAMES)
     encoder = VideoTextEncoder(model, kind, identity, device=device, precision=precision, num_frames=frames,
                                input_size=input_size, num_clips=num_clips, num_crops=num_crops,
                                image_tmpl=image_tmpl, index_start=index_start, test_rules=test_rules)
     if compile != "off":
         engine.compile_model(encoder.model, compile)
-    logger.info("model %s: %s, %d frames x %d view(s) at %dpx, %s on %s", source,
+    logger.info("model %s: %s, %d frames x %d view(s) at %dpx, %s on %s", os.fspath(name_or_path),
                 "T2L" if kind == "t2l" else "frame-averaged CLIP", encoder.num_frames, encoder.num_views,
                 encoder.input_size, str(encoder.dtype).replace("torch.", ""), encoder.device)
     return encoder
 
 
 # ---------------------------------------------------------------------------------------------- texts
-@dataclass
-class ClassTexts:
-    """The texts of a class set: ``texts[v][k]`` is view v (a template, or the one description) of class k."""
-
-    names: list
-    texts: list
-    mode: str        # "descriptions" | "templates"
-    source: str
-
-
 @dataclass(frozen=True)
 class TextItem:
     """One text to embed and where it came from (for manifests)."""
@@ -443,8 +379,7 @@ def read_class_texts(spec: PathLike, descriptions: Optional[PathLike] = None, te
         desc = read_descriptions(descriptions)
         source = os.fspath(descriptions)
     mode = "templates" if templates or not desc else "descriptions"
-    texts = class_texts(names, desc, mode=mode, source=source)
-    return ClassTexts(names=list(names), texts=texts, mode=mode, source=source)
+    return ClassTexts.build(names, desc, mode, source)
 
 
 def read_text_items(path: PathLike, descriptions: Optional[PathLike] = None,

@@ -4,7 +4,7 @@ With --window, a long video instead: which action happens when (a timeline, see 
 The video (a file or a frames folder) is read with test.py's preprocessing; each class gets its description,
 or the 16 prompt templates (class list without descriptions, a comma-separated list, or --templates), and the
 probabilities are softmax(logit_scale * cosine) over the classes, averaged over text views and video views
-(``engine.video_scores``). The table (or --json) goes to stdout; log messages go to stderr.
+(``engine.class_probabilities``). The table (or --json) goes to stdout; log messages go to stderr.
 
 Timeline mode (--window 2s --stride 1s, or in frames: --window 16): every window of the video is scored the same
 way (the model's frames sampled over the window as at test time), and --out gets windows.csv (top-k per window),
@@ -24,7 +24,6 @@ from pathlib import Path
 
 import torch
 
-import engine
 from datasets import SampleLoadError
 from features import load_model, read_class_texts
 from utils.checkpoint import UnsafeCheckpointError
@@ -114,7 +113,7 @@ def predict(args) -> dict:
     view_emb, _ = encoder.encode_views(views.unsqueeze(0))  # (1, V, ...) -> (V, E)
     text_emb = encoder.encode_class_texts(classes)  # (V_text, K, E)
     # test.py's scoring: probabilities per video view, averaged over text views inside, then over video views.
-    probs = engine.video_scores(view_emb, text_emb, encoder.logit_scale).mean(dim=0)  # (V, K) -> (K,)
+    probs = encoder.class_probabilities(view_emb, text_emb)[0]  # (1, K) -> (K,)
     k = min(args.top_k, len(classes.names))
     top = torch.topk(probs, k)
     return {**_header(args, classes, encoder),

@@ -280,7 +280,7 @@ def faiss_search(index, queries: np.ndarray, k: int, ef_search: int = 128, nprob
 # ---------------------------------------------------------------------------------------------- the model
 def query_model(collection: Collection, model: Optional[str] = None, device: str = "cpu", trust: bool = False):
     """The model that made the export, loaded with its settings; refuses another model."""
-    from features import _identity_for_hash, load_model
+    from features import identity_for_hash, load_model
 
     made_by = collection.config.get("model") or {}
     settings = collection.config.get("settings") or {}
@@ -299,7 +299,7 @@ def query_model(collection: Collection, model: Optional[str] = None, device: str
             raise
         raise SearchError(f"the model that made the export, {source}, is not there any more ({e}); pass --model with "
                           f"it (SHA-256 {made_by.get('sha256')})") from e
-    want, got = _identity_for_hash(made_by), _identity_for_hash(encoder.identity)
+    want, got = identity_for_hash(made_by), identity_for_hash(encoder.identity)
     if want != got:
         raise SearchError(f"{collection.folder} was made with {made_by.get('source')} (SHA-256 {made_by.get('sha256')}), "
                           f"but the model given is {source} (SHA-256 {encoder.identity.get('sha256')}): embeddings "

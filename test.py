@@ -23,7 +23,7 @@ if __name__ == "__main__":  # a run into a busy output folder stops here, not af
 import numpy as np
 
 import engine
-from modules import convert_to_fp16_like_published
+from modules import convert_to_fp16_like_published, factory
 from utils import distributed
 from utils.checkpoint import atomic_write, atomic_write_text, remove_stale_tmp
 from utils.config import check_paths, load_config, save_config
@@ -91,7 +91,7 @@ def run(cfg, dist_info, out: Path) -> dict:
     weights = [None] if cfg.test.baseline or not cfg.test.weights else list(cfg.test.weights)
     runs = []
     for w in weights:
-        model = engine.load_eval_model(cfg, w)
+        model = factory.load_eval_model(cfg, w)
         if engine.uses_fp16_weights(device, cfg.solver.precision):
             convert_to_fp16_like_published(model)  # fp16-pure: the published test runs its fp16 weights on a GPU
         model = model.to(device)

@@ -10,7 +10,7 @@
 
 Windows (``datasets.windows``): ``window`` frames every ``stride`` frames, plus one ending at the last frame; each
 window gets the model's T frames sampled as at test time and the test views, and class probabilities by test.py's
-rule (``engine.video_scores``: softmax(logit_scale * cosine) over the classes, averaged over text views and then
+rule (``engine.class_probabilities``: softmax(logit_scale * cosine) over the classes, averaged over text views and then
 video views). The video is decoded once, front to back, and only the frames still to be sampled are held; windows
 are scored in batches on the model's device while the next ones are decoded in a background thread.
 
@@ -183,7 +183,7 @@ def score_timeline(encoder, video: PathLike, text_emb: torch.Tensor, names: Sequ
         B, V = clips.shape[:2]
         view_emb, _ = encoder.encode_views(clips)  # (B*V, E)
         # test.py's rule: probabilities per video view (averaged over text views inside), then over video views
-        p = engine.video_scores(view_emb, text_emb, scale).view(B, V, K).mean(dim=1)
+        p = engine.class_probabilities(view_emb, text_emb, scale, V)  # (B*V, E) -> (B, K)
         for (w, _), row in zip(batch, p.numpy()):
             probs[w.index] = row
             tl.windows.append(w)

@@ -413,13 +413,13 @@ def probe_entry(path: str, image_tmpl: str, index_start: int) -> Tuple[int, str]
     and testing give, and a file that opens but does not decode is caught here, not in the middle of an epoch.
     """
     from datasets.readers import SampleLoadError, open_source
-    from datasets.video_dataset import _frame_count
+    from datasets.video_dataset import frame_count
 
     if path != path.rstrip() or "\n" in path:
         return 0, "the name ends with whitespace, which a list file cannot hold; rename it"
     try:
         source = open_source(path, image_tmpl, index_start)
-        n = _frame_count(source, 0)
+        n = frame_count(source, 0)
         source.read([0, n - 1])
         return n, ""
     except SampleLoadError as exc:

@@ -6,7 +6,7 @@ its spread (min-max and the interquartile range over the repetitions), so a read
 load moved the figures. Models have random weights of the published OpenAI sizes: nothing is downloaded.
 
 Contenders (``--contenders``, default all):
-  floor       frozen CLIP encoding every frame, frame embeddings averaged (engine.FrameAverageCLIP): the floor
+  floor       frozen CLIP encoding every frame, frame embeddings averaged (modules.factory.FrameAverageCLIP): the floor
   t2l         T2L ``encode_video`` (temporal tokens + adapters)
   xclip       transformers' X-CLIP ``get_video_features`` with an XCLIPConfig of the same size (the peer)
   t2l-classify    zero-shot classification: T2L ``encode_video`` and cosine logits against ``--classes`` class
@@ -76,7 +76,7 @@ from tqdm import tqdm  # noqa: E402
 import engine  # noqa: E402
 from benchmarks.data_loading import available_cpus, synthetic_frame  # noqa: E402
 from datasets import VideoDataset  # noqa: E402
-from modules import T2LLoss, build_t2l, random_clip  # noqa: E402
+from modules import T2LLoss, build_t2l, factory, random_clip  # noqa: E402
 
 logger = logging.getLogger("benchmarks.throughput")
 
@@ -302,7 +302,7 @@ def build_contenders(args, device: torch.device, data_root: str) -> list[Contend
                 fn(videos)
         out.append(Contender(name, label, "infer", run, B, weights))
 
-    floor = engine.FrameAverageCLIP(clip_model).eval()
+    floor = factory.FrameAverageCLIP(clip_model).eval()
     t2l = build_t2l(clip_model, num_frames=T).to(device).eval()  # T2L's own tensors are made on the CPU
     t2l_video_bytes = module_bytes(clip_model.visual) + tensor_bytes(
         p for n, p in t2l.named_parameters() if not n.startswith(("clip.", "text_adapters.")))

@@ -9,7 +9,7 @@ Importing this package reads no file and touches no network.
 """
 from .errors import CLIPLoadError
 from .loading import CLIPWeights, build_from_weights, clean_state_dict, convert_hf_state_dict, load, \
-    load_state_dict, read_weights
+    load_state_dict, read_weights, strip_prefixes
 from .model import CLIP, CLIPConfig, build_model
 from .pretrained import available_models, cache_dir, download, file_sha256, model_config
 from .tokenizer import SimpleTokenizer, get_tokenizer, tokenize
@@ -22,5 +22,5 @@ __all__ = [
     "CLIP", "CLIPConfig", "CLIPLoadError", "CLIPWeights", "IMAGE_MEAN", "IMAGE_STD", "SimpleTokenizer",
     "available_models", "build_from_weights", "build_model", "cache_dir", "clean_state_dict",
     "convert_hf_state_dict", "download", "file_sha256", "get_tokenizer", "load", "load_state_dict",
-    "model_config", "read_weights", "tokenize",
+    "model_config", "read_weights", "strip_prefixes", "tokenize",
 ]

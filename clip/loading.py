@@ -18,9 +18,7 @@ import hashlib
 import json
 import logging
 import os
-import pickle
 import re
-import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple, Union
@@ -29,7 +27,9 @@ import torch
 
 from .errors import CLIPLoadError, short_reason
 from .model import CLIP, CLIPConfig, build_model
-from .pretrained import _MODELS, download, file_sha256, get_spec
+from utils.checkpoint import UnsafeCheckpointError, safe_load
+
+from .pretrained import available_models, download, file_sha256, get_spec
 from .torchscript import is_torchscript_archive, read_torchscript_state_dict
 
 logger = logging.getLogger(__name__)
@@ -43,7 +43,8 @@ _SENTINELS = ("visual.conv1.weight", "visual.class_embedding", "visual.positiona
 _NON_WEIGHTS = ("input_resolution", "context_length", "vocab_size")
 # Wrappers a training script may put around the weights, searched in this order.
 _NESTING_KEYS = ("state_dict", "model", "module", "model_state_dict")
-_STRIP_PREFIXES = ("module.", "_orig_mod.")
+# What DataParallel/DDP ("module.") and torch.compile ("_orig_mod.") put in front of parameter names.
+WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 _HF_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 _HF_INDEX_FILES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
 
@@ -73,17 +74,18 @@ def _read_safetensors(path: Path) -> Dict[str, torch.Tensor]:
 
 
 def _read_torch(path: Path):
+    """A plain state dict through the project's one torch file reader (``utils.checkpoint.safe_load``), its errors
+    as ``CLIPLoadError``; a file that needs full unpickling is never trusted here."""
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as err:
+        return safe_load(path)
+    except UnsafeCheckpointError as err:
         raise CLIPLoadError(
             f"refusing to unpickle {path}: it holds objects other than tensors and plain containers "
-            f"({short_reason(err)}). Expected a state dict of tensors (weights_only loading); re-save it with "
-            f"torch.save(model.state_dict(), path) or as safetensors.") from err
-    except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile) as err:
-        raise CLIPLoadError(f"cannot read {path} as a PyTorch file ({short_reason(err)}); the file may be "
-                            f"truncated or in another format. Expected a state dict saved by torch.save, a "
-                            f"TorchScript archive, or a .safetensors file.") from err
+            f"({short_reason(err.__cause__ or err)}). Expected a state dict of tensors (weights_only loading); re-save "
+            f"it with torch.save(model.state_dict(), path) or as safetensors.") from err
+    except ValueError as err:
+        raise CLIPLoadError(f"{err}. Expected a state dict saved by torch.save, a TorchScript archive, or a "
+                            f".safetensors file.") from err
 
 
 def _read_file(path: Path) -> Tuple[object, str]:
@@ -98,6 +100,21 @@ def _read_file(path: Path) -> Tuple[object, str]:
     return _read_torch(path), "state_dict"
 
 
+def strip_prefixes(state_dict: dict) -> dict:
+    """The state dict with every ``module.`` (DataParallel/DDP) and ``_orig_mod.`` (torch.compile) prefix dropped,
+    however they are stacked; the one prefix stripper (CLIP weights here, published T2L checkpoints in modules/)."""
+    out = {}
+    for key, value in state_dict.items():
+        stripped = True
+        while stripped and isinstance(key, str):
+            stripped = False
+            for prefix in WRAPPER_PREFIXES:
+                if key.startswith(prefix):
+                    key, stripped = key[len(prefix):], True
+        out[key] = value
+    return out
+
+
 def clean_state_dict(obj, path: PathLike = "<state dict>") -> Dict[str, torch.Tensor]:
     """Unwrap training-checkpoint nesting, strip ``module.``/``_orig_mod.`` prefixes, keep only tensors."""
     for _ in range(3):  # at most a few levels: {"state_dict": {"module": {...}}}
@@ -110,18 +127,7 @@ def clean_state_dict(obj, path: PathLike = "<state dict>") -> Dict[str, torch.Te
         obj = inner
     if not isinstance(obj, dict):
         raise CLIPLoadError(f"{path} holds a {type(obj).__name__}, expected a dict of tensors (a state dict).")
-    out = {}
-    for key, value in obj.items():
-        if not isinstance(value, torch.Tensor):
-            continue
-        key = str(key)
-        stripped = True
-        while stripped:
-            stripped = False
-            for prefix in _STRIP_PREFIXES:
-                if key.startswith(prefix):
-                    key, stripped = key[len(prefix):], True
-        out[key] = value
+    out = strip_prefixes({str(k): v for k, v in obj.items() if isinstance(v, torch.Tensor)})
     if not out:
         raise CLIPLoadError(f"{path} holds no tensors (top-level keys: {_preview(obj)}); expected CLIP weights.")
     return out
@@ -291,7 +297,7 @@ def _to_openai_layout(sd: Dict[str, torch.Tensor], path: Path, fmt: str) -> CLIP
         return CLIPWeights(convert_hf_state_dict(sd, path), "huggingface", vision_heads, text_heads, [path])
     if any(k.startswith(("visual.layer1.", "visual.attnpool.")) for k in sd):
         raise CLIPLoadError(f"{path} holds a ResNet CLIP (visual.layer1.*/visual.attnpool.* keys); only the "
-                            f"ViT CLIPs ({', '.join(_MODELS)}) are supported.")
+                            f"ViT CLIPs ({', '.join(available_models())}) are supported.")
     if any(k.startswith("visual.trunk.") for k in sd):
         raise CLIPLoadError(f"{path} holds an open_clip model with a timm image tower (visual.trunk.*); only "
                             f"OpenAI-style ViT CLIPs are supported.")
@@ -316,7 +322,7 @@ def read_weights(path: PathLike) -> CLIPWeights:
     path = Path(path).expanduser()
     if not path.exists():
         raise CLIPLoadError(f"CLIP weights not found: {path} does not exist. Expected a weight file, a Hugging "
-                            f"Face CLIP folder, or one of the names {', '.join(_MODELS)}.")
+                            f"Face CLIP folder, or one of the names {', '.join(available_models())}.")
     if path.is_dir():
         return _read_hf_folder(path)
     raw, fmt = _read_file(path)
@@ -395,7 +401,7 @@ def load(name_or_path: PathLike, device: Union[str, torch.device] = "cpu",
     if jit:
         raise ValueError("clip.load(jit=True) is not supported: archives are read for their tensors only, "
                          "their TorchScript code is never run; use jit=False")
-    if isinstance(name_or_path, str) and name_or_path in _MODELS:
+    if isinstance(name_or_path, str) and name_or_path in available_models():
         path = download(name_or_path, download_root)
         sha256 = get_spec(name_or_path).sha256  # verified by download()
         weights = read_weights(path)
@@ -403,7 +409,7 @@ def load(name_or_path: PathLike, device: Union[str, torch.device] = "cpu",
         path = Path(name_or_path).expanduser()
         if isinstance(name_or_path, str) and not path.exists() and re.fullmatch(r"(ViT|RN)[-\w/@]*", name_or_path):
             raise CLIPLoadError(f"unknown CLIP model name {name_or_path!r} (and no such file); known names: "
-                                f"{', '.join(_MODELS)}.")
+                                f"{', '.join(available_models())}.")
         weights = read_weights(path)
         sha256 = _source_sha256(weights)
     model = build_from_weights(weights, path, vision_heads=vision_heads, text_heads=text_heads)

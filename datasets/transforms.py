@@ -35,11 +35,12 @@ import torch
 import torch.nn.functional as nnf
 from PIL import Image
 
+from clip import IMAGE_MEAN as CLIP_MEAN  # the one definition: the normalisation the CLIP weights were trained with
+from clip import IMAGE_STD as CLIP_STD
+
 __all__ = ["CLIP_MEAN", "CLIP_STD", "TrainTransform", "TestTransform", "build_transform",
            "adjust_hue", "normalize", "TEST_RESIZES"]
 
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 MULTI_SCALES = (1.0, 0.875, 0.75, 0.66)
 
 # The 13 crop positions of TSN's multi-scale crop, in quarters of the free space (x, y).

@@ -32,7 +32,8 @@ from .transforms import build_transform
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["VideoDataset", "load_video_clip", "failure_summary_line", "TEST_RULES", "collate_deferred"]
+__all__ = ["VideoDataset", "load_video_clip", "failure_summary_line", "TEST_RULES", "collate_deferred", "frame_count",
+           "sample_test_views"]
 
 # The test-time rules (config ``eval.rules``): which frames (datasets.sampling) and which resize (datasets.transforms).
 # "published": exactly the published T2L test code; "centre": segment centres and torch's bilinear resize.
@@ -61,8 +62,10 @@ def _check_template(image_tmpl: str) -> None:
         raise ValueError(f"image_tmpl {image_tmpl!r} does not depend on the frame index")
 
 
-def _frame_count(source, listed: int) -> int:
-    """Frames to sample from: the list's count, checked against the container for video files."""
+def frame_count(source, listed: int) -> int:
+    """Frames to sample from in an opened source (``datasets.readers.open_source``): the list's count (``listed``; 0:
+    count them), checked against the folder or container. Raises ``SampleLoadError`` naming the file when there are
+    none. The dataset, ``load_video_clip``, extract_features.py and the list builders count frames here."""
     if isinstance(source, FrameFolder):
         n = source.checked_count(listed)  # a gap in the folder is an error, also when the list gives a count
     else:
@@ -83,8 +86,13 @@ def _test_frames(source, n: int, num_frames: int, num_clips: int, frame_rule: st
     return source.read(idx.reshape(-1))  # (C*T, 3, H, W), decoded once for all clips
 
 
-def _test_views(source, n: int, num_frames: int, num_clips: int, transform, frame_rule: str) -> torch.Tensor:
-    """All test views of one video: ``(num_clips * num_crops, T, 3, S, S)``, clip-major."""
+def sample_test_views(source, n: int, num_frames: int, num_clips: int, transform, frame_rule: str) -> torch.Tensor:
+    """All test views of one video: ``(num_clips * num_crops, T, 3, S, S)``, clip-major.
+
+    ``source`` reads 0-based frames (``read(indices)``), ``n`` of them (:func:`frame_count`); ``transform`` is the
+    test transform (``build_transform("test", ...)``) and ``frame_rule`` the test rules' frames (``TEST_RULES``).
+    The one test-view step of the dataset, ``load_video_clip``, extract_features.py and the timeline windows.
+    """
     return _views(transform(_test_frames(source, n, num_frames, num_clips, frame_rule)), num_frames, num_clips)
 
 
@@ -217,7 +225,7 @@ class VideoDataset(Dataset):
         """The video tensor of sample ``index`` without any failure handling (raises SampleLoadError)."""
         rec = self.records[index]
         source = open_source(rec.path, self.image_tmpl, self.index_start)
-        n = _frame_count(source, rec.num_frames)
+        n = frame_count(source, rec.num_frames)
         if self.mode == "test":
             frames = _test_frames(source, n, self.num_frames, self.num_clips, self.test_rules["frames"])
             return frames if self.deferred else _views(self.transform(frames), self.num_frames, self.num_clips)
@@ -333,7 +341,7 @@ def load_video_clip(path: str, num_frames: int = 8, input_size: int = 224, num_c
     """
     _check_template(image_tmpl)
     source = open_source(os.fspath(path), image_tmpl, index_start)
-    n = _frame_count(source, int(listed_frames))
+    n = frame_count(source, int(listed_frames))
     rules = _rules(test_rules)
     transform = build_transform("test", input_size, num_crops=num_crops, resize=rules["resize"])
-    return _test_views(source, n, num_frames, num_clips, transform, rules["frames"])
+    return sample_test_views(source, n, num_frames, num_clips, transform, rules["frames"])

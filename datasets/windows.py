@@ -1,8 +1,9 @@
 """Fixed-length windows over a long video, each turned into test views, in one streaming pass.
 
 A long video is cut into windows of ``window`` frames every ``stride`` frames (:func:`plan_windows`); every window
-is treated as one short video and gets exactly the dataset's test views (``_test_views``: the configured test-time
-frame sampling over the window's frames, the test transform), so a window is scored as test.py scores a clip.
+is treated as one short video and gets exactly the dataset's test views (``sample_test_views``: the configured
+test-time frame sampling over the window's frames, the test transform), so a window is scored as test.py scores a
+clip.
 
 Video files are decoded once, front to back, by PyAV (:func:`stream_windows`). Only the frames that a window still
 to be emitted will sample are kept (as decoded RGB arrays), and each is dropped as soon as the last window that
@@ -27,7 +28,7 @@ import torch
 from .readers import (FrameFolder, SampleLoadError, VideoFile, decoding_failed, open_pyav, quarter_turns,
                       rotate_frame)
 from .sampling import sample_indices
-from .video_dataset import _test_views
+from .video_dataset import sample_test_views
 
 logger = logging.getLogger(__name__)
 
@@ -113,7 +114,7 @@ def video_info(path: str, image_tmpl: str = "img_{:05d}.jpg", index_start: int =
     if not os.path.exists(path):
         raise SampleLoadError(path, "no such frames folder or video file")
     reader = VideoFile(path, backend="pyav")  # the header only: the frames are decoded by the stream, once
-    container = reader._pyav_open()
+    container = open_pyav(path)
     try:
         stream = container.streams.video[0]
         rate = stream.average_rate or stream.guessed_rate
@@ -165,8 +166,8 @@ class WindowStream:
         self.length = total_frames
 
     def _views(self, w: Window, read: Callable) -> torch.Tensor:
-        return _test_views(_Offset(read, w.start), w.length, self.num_frames, self.num_clips, self.transform,
-                           self.frame_rule)
+        return sample_test_views(_Offset(read, w.start), w.length, self.num_frames, self.num_clips, self.transform,
+                                 self.frame_rule)
 
     def __iter__(self) -> Iterator[tuple]:
         if os.path.isdir(self.path):  # frames folders allow random access: read window by window

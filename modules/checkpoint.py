@@ -18,7 +18,11 @@ from typing import Any, Optional
 
 import torch
 
-from .t2l import T2L, T2LOptions, build_t2l
+from clip import strip_prefixes
+
+from .backbone import build_backbone, check_backbone
+from .errors import CheckpointError
+from .t2l import T2L, build_t2l
 
 logger = logging.getLogger(__name__)
 
@@ -27,21 +31,6 @@ VERSION = 1
 
 _PUBLISHED_ADAPTER = re.compile(r"^(visual\.)?transformer\.resblocks\.(\d+)\.Adapter\.D_fc([12])\.(weight|bias)$")
 _OURS_ADAPTER = re.compile(r"^(vision|text)_adapters\.(\d+)\.(down|up)\.(weight|bias)$")
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be read or does not fit the model; the message names the file and tensor."""
-
-
-def strip_prefixes(state_dict: dict) -> dict:
-    """Drop the ``module.`` (DataParallel/DDP) and ``_orig_mod.`` (torch.compile) prefixes."""
-    out = {}
-    for k, v in state_dict.items():
-        for prefix in ("module.", "_orig_mod."):
-            while k.startswith(prefix):
-                k = k[len(prefix):]
-        out[k] = v
-    return out
 
 
 def published_to_ours(state_dict: dict) -> tuple[dict, dict]:
@@ -114,7 +103,7 @@ def load_t2l_tensors(model: T2L, t2l_sd: dict, source: str = "checkpoint") -> No
     for k in sorted(set(expected) & set(t2l_sd)):
         if tuple(t2l_sd[k].shape) != tuple(expected[k].shape):
             hint = ""
-            if k in ("temporal_tokens", "temporal_embedding"):
+            if k in ("temporal_tokens", "temporal_embedding"):  # say why, for a caller that did not check the frames
                 hint = f" (the checkpoint was trained with {t2l_sd[k].shape[1]} frames, the model has " \
                        f"{model.num_frames})"
             problems.append(f"{k}: checkpoint shape {tuple(t2l_sd[k].shape)} != model shape "
@@ -146,17 +135,29 @@ def save_published(model: T2L, path: str | Path, epoch: int = 0, half: bool = Tr
     atomic_save({"epoch": epoch, "model_state_dict": sd, "optimizer_state_dict": {}}, path)
 
 
-def read_checkpoint(path: str | Path, trust: bool = False) -> dict:
-    """Read a checkpoint file safely (``weights_only=True``), with errors that name the file."""
+def check_num_frames(source: str, trained: int, requested: Optional[int], setting: str = "num_frames",
+                     fix: Optional[str] = None) -> None:
+    """The one frame-count check: a T2L model holds one temporal token per frame, so it runs with the frame count
+    it was trained with. ``requested`` None: nothing asked for. ``setting`` names the knob in the message, ``fix``
+    says how to change it (default: set it to the trained count)."""
+    if requested is not None and int(requested) != int(trained):
+        raise CheckpointError(f"{source} was trained with {trained} frames but {setting} is {requested}; "
+                              f"{fix or f'set {setting}={trained}'}")
+
+
+def read_checkpoint(path: str | Path, trust: bool = False, mmap: bool = False) -> dict:
+    """Read a checkpoint file safely (``weights_only=True``, ``utils.checkpoint.safe_load``), with errors that name
+    the file. ``mmap``: map the tensors instead of reading them (a look at the keys costs next to nothing)."""
     from utils.checkpoint import safe_load
 
-    obj = safe_load(path, trust=trust)
+    obj = safe_load(path, trust=trust, mmap=mmap)
     if not isinstance(obj, dict):
         raise CheckpointError(f"{path}: expected a checkpoint dict, found a {type(obj).__name__}")
     return obj
 
 
 def is_published(ckpt: dict) -> bool:
+    """Whether a checkpoint dict is in the published layout (T2L tensors under ``visual.``, maybe ``module.``)."""
     sd = ckpt.get("model_state_dict", ckpt)
     return isinstance(sd, dict) and any(k.endswith("T_prompt_embeddings") or k.endswith("temporal_embedding")
                                         for k in sd if isinstance(k, str) and k.startswith(("visual.", "module.")))
@@ -169,29 +170,37 @@ def load_t2l(path: str | Path, clip_model: Optional[torch.nn.Module] = None, tru
     Published checkpoints carry the whole CLIP; ours carry its identity, and the backbone is loaded with
     ``clip.load(backbone.name_or_path)`` (checked against the recorded SHA-256) unless ``clip_model`` is given.
     ``options`` override T2L options that do not change tensor shapes (``prompt_dropout``, ``drop_path_rate``,
-    ``activation_checkpointing``). Missing or unexpected tensors are errors that name them.
+    ``activation_checkpointing``). Missing or unexpected tensors are errors that name them. Scripts load models
+    through ``modules.factory``, which also says what was loaded.
     """
-    from clip.model import build_model
-
     path = Path(path)
     if path.is_dir():  # a model folder (python -m modules.checkpoint export): safetensors + JSON, no pickle
         from .model_folder import load_model_folder
 
         return load_model_folder(path, clip_model=clip_model, **options)
-    ckpt = read_checkpoint(path, trust=trust)
+    return t2l_from_checkpoint(read_checkpoint(path, trust=trust), str(path), clip_model=clip_model, **options)
+
+
+def t2l_from_checkpoint(ckpt: dict, source: str, clip_model: Optional[torch.nn.Module] = None, **options) -> T2L:
+    """The T2L model of a checkpoint dict already read (ours or published); ``source`` names it in errors.
+
+    As :func:`load_t2l` after the read: the factory reads a file once and builds the model from what it read.
+    """
+    from clip.model import build_model
+
     if ckpt.get("format") == FORMAT:
         backbone = ckpt.get("backbone") or {}
         if clip_model is None:
-            clip_model = build_backbone(backbone, source=str(path))
+            clip_model = build_backbone(backbone, source=source)
         else:
-            check_backbone(backbone, clip_model, source=str(path))
+            check_backbone(backbone, clip_model, source=source)
         opts = {**ckpt.get("options", {}), **options}
         model = build_t2l(clip_model, num_frames=int(ckpt["num_frames"]), **opts)
-        load_t2l_tensors(model, ckpt["model"], source=str(path))
+        load_t2l_tensors(model, ckpt["model"], source=source)
         return model
     if not is_published(ckpt):
         raise CheckpointError(
-            f"{path} is neither a T2L checkpoint of this project (key 'format': 't2l') nor a published T2L "
+            f"{source} is neither a T2L checkpoint of this project (key 'format': 't2l') nor a published T2L "
             f"checkpoint (a 'model_state_dict' with visual.transformer.T_prompt_embeddings); top-level keys: "
             f"{sorted(map(str, ckpt))[:10]}. A plain CLIP weights file is loaded with clip.load instead.")
     clip_sd, t2l_sd = published_to_ours(ckpt.get("model_state_dict", ckpt))
@@ -199,15 +208,13 @@ def load_t2l(path: str | Path, clip_model: Optional[torch.nn.Module] = None, tru
         try:
             clip_model = build_model(clip_sd)
         except Exception as e:  # a broken CLIP part gets the file's name
-            raise CheckpointError(f"{path}: the CLIP weights in this published checkpoint do not build a CLIP "
+            raise CheckpointError(f"{source}: the CLIP weights in this published checkpoint do not build a CLIP "
                                   f"ViT: {e}") from e
-        clip_model.source_identity = {"name_or_path": str(path), "kind": "published-t2l"}
+        clip_model.source_identity = {"name_or_path": source, "kind": "published-t2l"}
     num_layers = len(clip_model.visual.transformer.resblocks)
     num_frames, inferred = infer_published_options(t2l_sd, num_layers)
     model = build_t2l(clip_model, num_frames=num_frames, **{**inferred, **options})
-    load_t2l_tensors(model, t2l_sd, source=str(path))
-    logger.info("loaded published T2L checkpoint %s (epoch %s, %d frames, temporal tokens %s)", path,
-                ckpt.get("epoch"), num_frames, inferred["temporal_tokens"])
+    load_t2l_tensors(model, t2l_sd, source=source)
     return model
 
 
@@ -225,6 +232,7 @@ def init_from_checkpoint(model: T2L, path: str | Path, trust: bool = False) -> N
 
         config, t2l_sd, _ = read_model_folder(path)
         check_backbone(config["backbone"], model.clip, source=source)
+        check_num_frames(source, int(config["num_frames"]), model.num_frames, "data.num_frames")
         load_t2l_tensors(model, t2l_sd, source=source)
         logger.info("initialised the T2L tensors from the model folder %s", source)
         return
@@ -232,6 +240,7 @@ def init_from_checkpoint(model: T2L, path: str | Path, trust: bool = False) -> N
     if ckpt.get("format") == FORMAT:
         check_backbone(ckpt.get("backbone") or {}, model.clip, source=source)
         t2l_sd = ckpt["model"]
+        trained_frames = int(ckpt["num_frames"])
     elif is_published(ckpt):
         clip_sd, t2l_sd = published_to_ours(ckpt.get("model_state_dict", ckpt))
         ours = model.clip.state_dict()
@@ -249,79 +258,13 @@ def init_from_checkpoint(model: T2L, path: str | Path, trust: bool = False) -> N
             raise CheckpointError(f"{source}: its frozen CLIP differs from network.pretrained's in {len(differ)} "
                                   f"tensor(s), e.g. {'; '.join(differ[:3])}; set network.pretrained to the CLIP the "
                                   f"checkpoint was trained on")
+        trained_frames, _ = infer_published_options(t2l_sd, len(model.clip.visual.transformer.resblocks))
     else:
         raise CheckpointError(f"{source} is neither a T2L checkpoint of this project nor a published T2L checkpoint "
                               f"(top-level keys {sorted(map(str, ckpt))[:10]}); network.init_from takes one of those")
+    check_num_frames(source, trained_frames, model.num_frames, "data.num_frames")
     load_t2l_tensors(model, t2l_sd, source=source)
     logger.info("initialised the T2L tensors from %s (epoch %s)", source, ckpt.get("epoch"))
-
-
-def build_backbone(backbone: dict, source: str = "checkpoint") -> torch.nn.Module:
-    """Rebuild the frozen CLIP a checkpoint of ours names: a seeded random CLIP (demo, tests) or ``clip.load``."""
-    import clip
-
-    name = backbone.get("name_or_path")
-    if name is None:
-        raise CheckpointError(f"{source} does not say which CLIP it was trained on (no backbone.name_or_path); "
-                              f"pass the CLIP model explicitly")
-    if str(name).startswith("random"):
-        cfg = backbone.get("config")
-        if not cfg:
-            raise CheckpointError(f"{source}: a random-initialised backbone needs its config in the checkpoint")
-        return random_clip(cfg, int(backbone.get("seed", 0)))
-    model = clip.load(name)
-    check_backbone(backbone, model, source)
-    return model
-
-
-def check_backbone(recorded: dict, clip_model: torch.nn.Module, source: str = "checkpoint") -> None:
-    """Refuse a frozen CLIP other than the one a checkpoint was trained on, where both say which it is.
-
-    Two random CLIPs must agree on seed and config; two loaded files on their SHA-256. Anything else (a CLIP
-    without a recorded identity, a checkpoint of an older version) is accepted as given.
-    """
-    given = getattr(clip_model, "source_identity", None) or {}
-    if str(recorded.get("name_or_path", "")).startswith("random") and given.get("name_or_path") == "random":
-        want = (int(recorded.get("seed", 0)), dict(recorded.get("config") or {}))
-        have = (int(given.get("seed", 0)), dict(given.get("config") or {}))
-        if want != have:
-            diff = sorted(k for k in set(want[1]) | set(have[1]) if want[1].get(k) != have[1].get(k))
-            diff += ["seed"] if want[0] != have[0] else []
-            raise CheckpointError(
-                f"{source} was trained on a random CLIP with seed {want[0]} and config {want[1]}, but the CLIP given "
-                f"has seed {have[0]} and config {have[1]} (differing: {', '.join(diff)}): the frozen weights "
-                f"differ, so the results would too. Set network.random_seed and network.random_clip to the "
-                f"checkpoint's")
-    elif recorded.get("sha256") and given.get("sha256") and recorded["sha256"] != given["sha256"]:
-        raise CheckpointError(f"{source} was trained on CLIP {recorded.get('name_or_path')} with SHA-256 "
-                              f"{recorded['sha256']}, but the CLIP {given.get('name_or_path')} has SHA-256 "
-                              f"{given['sha256']}: the frozen weights differ, so the results would too")
-
-
-def random_clip(config: dict, seed: int = 0) -> torch.nn.Module:
-    """A randomly initialised CLIP of the given sizes, the same on every machine for a seed (demo and tests).
-
-    ``config`` holds the sizes of ``CLIPConfig`` and, optionally, ``vision_positional_std``: the standard deviation
-    of the image tower's positional embedding. OpenAI's initialisation draws it at ``vision_width ** -0.5``, which
-    leaves a random network nearly blind to where things are in the image (a trained CLIP is not); the demo draws it
-    larger. The global RNG is left as it was, so building a model does not change the data order of a run.
-    """
-    from clip.model import CLIP, CLIPConfig
-
-    sizes = dict(config)
-    positional_std = sizes.pop("vision_positional_std", None)  # None: OpenAI's scale, and not recorded
-    if positional_std is not None and (type(positional_std) not in (int, float) or positional_std <= 0):
-        raise ValueError(f"vision_positional_std must be a positive number, got {positional_std!r}")
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = CLIP(CLIPConfig(**sizes)).eval()
-    if positional_std is not None:
-        visual = model.visual
-        with torch.no_grad():  # the same draw, rescaled from OpenAI's width ** -0.5 to the requested std
-            visual.positional_embedding.mul_(positional_std * visual.width ** 0.5)
-        sizes["vision_positional_std"] = positional_std
-    model.source_identity = {"name_or_path": "random", "seed": seed, "config": sizes}
-    return model
 
 
 def _convert_main(argv=None) -> int:

@@ -29,7 +29,9 @@ from typing import Optional, Union
 
 import torch
 
-from .checkpoint import CheckpointError, build_backbone, check_backbone, load_t2l_tensors
+from .backbone import build_backbone, check_backbone
+from .checkpoint import load_t2l_tensors
+from .errors import CheckpointError
 from .t2l import T2L, build_t2l
 
 logger = logging.getLogger(__name__)
@@ -179,7 +181,6 @@ def load_model_folder(folder: PathLike, clip_model: Optional[torch.nn.Module] = 
         clip_model = build_backbone(backbone, source=source)
     model = build_t2l(clip_model, num_frames=int(config["num_frames"]), **{**config["options"], **options})
     load_t2l_tensors(model, t2l_sd, source=f"{source}/{WEIGHTS_FILE}")
-    logger.info("loaded T2L model folder %s (%s weights, %d frames)", folder, config["weights"], model.num_frames)
     return model
 
 

@@ -148,7 +148,7 @@ def test_every_t2l_option_is_settable_from_the_config_and_reaches_the_model():
     import dataclasses
     import json
 
-    import engine
+    from modules import factory
     from modules.t2l import T2LOptions
 
     defaults = T2LOptions()
@@ -167,7 +167,7 @@ def test_every_t2l_option_is_settable_from_the_config_and_reaches_the_model():
     cfg = load_config(ROOT / "configs/demo/demo_train.yaml", opts)
     assert dataclasses.asdict(cfg.network.t2l) == wanted
     assert load_config(None).network.t2l.__dict__ == defaults.to_dict()  # the same defaults
-    assert engine.build_model(cfg).options == T2LOptions(**wanted)
+    assert factory.build_model(cfg).options == T2LOptions(**wanted)
     for name, choices in T2LOptions.CHOICES.items():
         with pytest.raises(ConfigError, match=rf"network\.t2l\.{name}: must be one of {', '.join(choices)}"):
             load_config(None, [f"network.t2l.{name}=nonsense"])

@@ -27,7 +27,7 @@ from datasets import SampleLoadError, VideoDataset  # noqa: E402
 import extract_features  # noqa: E402
 import features  # noqa: E402
 from features import load_model  # noqa: E402
-from modules import build_t2l, class_texts, make_checkpoint, random_clip, save_published  # noqa: E402
+from modules import build_t2l, class_texts, factory, make_checkpoint, random_clip, save_published  # noqa: E402
 from modules import tokenize_class_texts  # noqa: E402
 from utils.checkpoint import atomic_save  # noqa: E402
 from utils.config import load_config  # noqa: E402
@@ -152,7 +152,7 @@ def test_export_equals_api_and_nearest_class_equals_test_py(demo, ckpt, encoder,
     top1 = results["results"]["val"]["top1"]
     assert top1 == pytest.approx(100.0 * float((nearest == labels).mean()), abs=1e-9)
     # Per video, not only the accuracy: the same predictions as test.py's scorer.
-    model = engine.load_eval_model(load_config(str(REPO / "configs/demo/demo_test.yaml"), [
+    model = factory.load_eval_model(load_config(str(REPO / "configs/demo/demo_test.yaml"), [
         *random_clip_opts(TINY), "data.input_size=32"]), str(ckpt))
     names, tokens = engine.class_tokens(str(demo / "classes.csv"), str(demo / "descriptions.csv"), "descriptions")
     ds = VideoDataset(str(demo / "val.txt"), root=str(demo / "frames"), num_frames=8, mode="test",
@@ -385,7 +385,7 @@ def test_clip_file_gives_frame_averaged_clip_and_views_are_averaged(demo, tmp_pa
     clip_file = tmp_path / "clip.pt"
     torch.save(random_clip(TINY, seed=3).state_dict(), clip_file)
     m = load_model(clip_file, device="cpu", num_frames=4, num_clips=2, num_crops=3)
-    assert m.kind == "clip" and isinstance(m.model, engine.FrameAverageCLIP) and m.num_views == 6
+    assert m.kind == "clip" and isinstance(m.model, factory.FrameAverageCLIP) and m.num_views == 6
     paths = [demo / "frames/val/growing/growing_000", demo / "videos/val/shrinking/shrinking_001.mp4"]
     video, frames = m.encode_videos(paths, return_frames=True)
     assert video.shape == (2, 32) and frames.shape == (2, 6, 4, 32)

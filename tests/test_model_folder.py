@@ -1,7 +1,7 @@
 """Tests of the shareable model folder (``python -m modules.checkpoint export``, modules/model_folder.py).
 
 A folder must give outputs identical to the checkpoint it came from, through every loader (features.load_model,
-test.py's engine.load_eval_model), without any pickle being read; a pickle in its place is refused; the original
+test.py's factory.load_eval_model), without any pickle being read; a pickle in its place is refused; the original
 ``python -m modules.checkpoint SRC DST`` converter still works.
 """
 import json
@@ -13,10 +13,9 @@ from pathlib import Path
 import pytest
 import torch
 
-import engine
 from features import load_model
 from conftest import TINY_CLIP as TINY, save_tiny_t2l
-from modules import load_t2l, save_published
+from modules import factory, load_t2l, save_published
 from modules.checkpoint import CheckpointError, main as checkpoint_main
 from modules.model_folder import export_model_folder, is_model_folder, load_model_folder
 from utils.checkpoint import atomic_save
@@ -94,7 +93,7 @@ def test_full_folder_needs_no_backbone_and_no_pickle_is_read(ckpt, inputs, tmp_p
     monkeypatch.setattr(pickle, "load", refuse)
     monkeypatch.setattr(pickle, "loads", refuse)
     monkeypatch.setattr(pickle, "Unpickler", refuse)
-    monkeypatch.setattr("modules.checkpoint.random_clip", refuse)  # the full folder carries its CLIP
+    monkeypatch.setattr("modules.backbone.random_clip", refuse)  # the full folder carries its CLIP
     got = load_model(out, device="cpu")
     for a, b in zip(outputs(ref, inputs), outputs(got, inputs)):
         assert torch.equal(a, b)
@@ -133,8 +132,8 @@ def test_test_py_loads_a_folder_and_scores_as_the_checkpoint(ckpt, tmp_path, inp
     cfg = load_config(str(REPO / "configs/demo/demo_test.yaml"),
                       [*random_clip_opts(TINY), "network.random_clip.vision_positional_std=0.5",
                        "network.random_seed=3", "data.input_size=32"])
-    a = engine.load_eval_model(cfg, str(ckpt))
-    b = engine.load_eval_model(cfg, str(out))
+    a = factory.load_eval_model(cfg, str(ckpt))
+    b = factory.load_eval_model(cfg, str(out))
     clips = inputs[0][:, 0]
     with torch.no_grad():
         assert torch.equal(a.encode_video(clips)[0], b.encode_video(clips)[0])
@@ -149,7 +148,7 @@ def test_test_py_loads_a_folder_and_scores_as_the_checkpoint(ckpt, tmp_path, inp
     # train.py's network.init_from takes a folder's T2L tensors too
     from modules.checkpoint import init_from_checkpoint
 
-    fresh = engine.build_model(cfg)
+    fresh = factory.build_model(cfg)
     init_from_checkpoint(fresh, out)
     for (ka, x), (kb, y) in zip(fresh.trainable_state_dict().items(), a.trainable_state_dict().items()):
         assert ka == kb and torch.equal(x, y), ka
@@ -157,7 +156,7 @@ def test_test_py_loads_a_folder_and_scores_as_the_checkpoint(ckpt, tmp_path, inp
     cfg_other = load_config(str(REPO / "configs/demo/demo_test.yaml"),
                             [*random_clip_opts(TINY), "network.random_seed=4", "data.input_size=32"])
     with pytest.raises(CheckpointError, match="seed 3"):
-        engine.load_eval_model(cfg_other, str(out))
+        factory.load_eval_model(cfg_other, str(out))
 
 
 def test_published_checkpoint_exports_with_full_only_and_converter_still_works(ckpt, tmp_path, inputs):

@@ -14,6 +14,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "Dataset_creation_scripts"))
 
 import engine  # noqa: E402
+from modules import factory  # noqa: E402
 from conftest import TINY_CLIP, random_clip_opts, save_tiny_t2l  # noqa: E402
 import predict  # noqa: E402
 from datasets import VideoDataset  # noqa: E402
@@ -48,7 +49,7 @@ def reference(ckpt):
 
     cfg = load_config(str(REPO / "configs/demo/demo_test.yaml"),
                       [*random_clip_opts(TINY), "network.random_seed=0", "data.input_size=32"])
-    return engine.load_eval_model(cfg, str(ckpt))
+    return factory.load_eval_model(cfg, str(ckpt))
 
 
 def reference_scores(reference, list_file, root, classes, descriptions, mode):

@@ -131,13 +131,12 @@ def published_hmdb(tmp_path):
 
 def _tiny_published_checkpoint(cfg_opts, path):
     """A published-layout checkpoint of a T2L on the configured tiny random CLIP (what the authors' files hold)."""
-    import engine
-    from modules import build_t2l, save_published
+    from modules import build_t2l, factory, save_published
     from utils.config import load_config
 
     cfg = load_config("configs/demo/demo_test.yaml", cfg_opts)
     torch.manual_seed(3)
-    model = build_t2l(engine.build_clip(cfg), num_frames=cfg.data.num_frames)
+    model = build_t2l(factory.build_clip(cfg), num_frames=cfg.data.num_frames)
     with torch.no_grad():
         for name, p in model.named_parameters():
             if not name.startswith("clip.") and name != "temporal_embedding":
@@ -327,23 +326,22 @@ def test_a_published_config_converts_with_every_key_accounted_for(tmp_path):
 def test_a_published_checkpoint_starts_training_and_is_refused_by_resume(published_hmdb, tmp_path, monkeypatch):
     from pathlib import Path
 
-    import engine
     import train as train_script
-    from modules import CheckpointError
+    from modules import CheckpointError, factory
     from modules.checkpoint import init_from_checkpoint, published_to_ours, read_checkpoint
     from utils.config import load_config
 
     monkeypatch.chdir(Path(__file__).resolve().parents[1])
     weights = _tiny_published_checkpoint(TINY, tmp_path / "published.pth")
     cfg = load_config("configs/demo/demo_train.yaml", TINY)
-    model = engine.build_model(cfg)
+    model = factory.build_model(cfg)
     init_from_checkpoint(model, weights)
     _, t2l_sd = published_to_ours(read_checkpoint(weights)["model_state_dict"])
     for name, p in model.named_parameters():
         if not name.startswith("clip."):
             assert torch.equal(p.detach(), t2l_sd[name].float()), name
     # another frozen CLIP (another seed) is not the published model: refused, naming a tensor
-    other = engine.build_model(load_config("configs/demo/demo_train.yaml", TINY + ["network.random_seed=5"]))
+    other = factory.build_model(load_config("configs/demo/demo_train.yaml", TINY + ["network.random_seed=5"]))
     with pytest.raises(CheckpointError, match=r"its frozen CLIP differs from network.pretrained's in \d+ tensor"):
         init_from_checkpoint(other, weights)
     # train.py: --resume refuses it, naming the option to use; network.init_from trains from it

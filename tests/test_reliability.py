@@ -31,7 +31,7 @@ import torch
 import engine
 import test as test_script
 import train as train_script
-from modules import T2LLoss, load_t2l, make_checkpoint
+from modules import T2LLoss, factory, load_t2l, make_checkpoint
 from modules import losses as losses_module
 from utils.checkpoint import UnsafeCheckpointError, safe_load
 from utils.config import ConfigError
@@ -491,7 +491,7 @@ def test_bad_inputs_before_any_work_name_the_file_and_lose_nothing(demo, referen
     fails(ConfigError, r"data.flip: expected true or false, got 'maybe'", "data.flip=maybe")
     # Resume files of the wrong kind: a CLIP state dict, a checkpoint for evaluation only, random bytes.
     clip_sd = tmp_path / "clip_state_dict.pt"
-    torch.save(engine.build_clip(_tiny_cfg(demo, out)).state_dict(), clip_sd)
+    torch.save(factory.build_clip(_tiny_cfg(demo, out)).state_dict(), clip_sd)
     fails(ValueError, rf"{re.escape(str(clip_sd))} is not a training checkpoint of this project", resume=clip_sd)
     eval_only = tmp_path / "eval_only.pt"
     torch.save(make_checkpoint(load_t2l(reference / "last.pt")), eval_only)
@@ -524,7 +524,7 @@ def test_test_py_refuses_wrong_weight_files_by_name_and_keeps_earlier_results(de
     test_script.main(_test_args(demo, out, weights=[reference / "last.pt"]))
     before = snapshot(out)
     clip_sd = tmp_path / "clip_state_dict.pt"
-    torch.save(engine.build_clip(_tiny_cfg(demo, out)).state_dict(), clip_sd)
+    torch.save(factory.build_clip(_tiny_cfg(demo, out)).state_dict(), clip_sd)
     noise = tmp_path / "noise.pt"
     noise.write_bytes(random.Random(SEED).randbytes(4096))
     empty = tmp_path / "empty.pt"

@@ -24,6 +24,7 @@ import torch
 import engine
 import test as test_script
 import train as train_script
+from modules import factory
 from utils.checkpoint import safe_load
 from utils.lock import LOCK_NAME, FolderLock, FolderLockedError
 from utils.logger import read_metrics_csv
@@ -247,7 +248,7 @@ def test_ctrl_c_in_test_py_and_train_py_ends_with_one_line(demo, one_epoch, tmp_
     assert len(errors) == 1 and "interrupted" in errors[0], err[-2000:]
     assert not (tmp_path / "out" / LOCK_NAME).exists() and not (tmp_path / "out" / "results.json").exists()
     # train.py likewise (interrupted while it builds the model).
-    monkeypatch.setattr(engine, "build_model", interrupted)
+    monkeypatch.setattr(factory, "build_model", interrupted)
     with pytest.raises(SystemExit) as info:
         _run_as_script("train.py", ["train.py", *train_args(demo, tmp_path / "train")])
     assert info.value.code == 130

@@ -275,12 +275,12 @@ def test_not_a_t2l_checkpoint_is_refused(tmp_path):
 
 
 def test_converter_command_writes_the_published_layout(tmp_path):
-    from modules.checkpoint import _convert_main
+    from modules.checkpoint import main as checkpoint_main
 
     model = randomise_t2l(build_t2l(random_clip(TINY, 0), num_frames=8)).eval()
     ours = tmp_path / "ours.pt"
     atomic_save(make_checkpoint(model, epoch=4), ours)  # backbone: the seeded random CLIP, rebuilt on load
-    assert _convert_main([str(ours), str(tmp_path / "pub.pth"), "--fp32"]) == 0
+    assert checkpoint_main(["convert", str(ours), str(tmp_path / "pub.pth"), "--fp32"]) == 0
     pub = torch.load(tmp_path / "pub.pth", weights_only=True)
     assert pub["epoch"] == 4 and "visual.transformer.T_prompt_embeddings" in pub["model_state_dict"]
     again = load_t2l(tmp_path / "pub.pth").eval()
@@ -290,7 +290,7 @@ def test_converter_command_writes_the_published_layout(tmp_path):
 
 
 def test_random_clip_positional_std_rescales_the_positional_embedding_only():
-    from modules.checkpoint import build_backbone
+    from modules.backbone import build_backbone
 
     plain = random_clip(TINY, 3)
     wide = random_clip({**TINY, "vision_positional_std": 0.5}, 3)

@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 import torch
 
-import engine
 import test as test_script
 import train as train_script
+from modules import factory
 from utils.config import ConfigError
 from utils.schedule import WarmupCosine
 
@@ -195,11 +195,10 @@ def test_frozen_clip_baseline_equals_t2l_at_identity(demo, tmp_path):
     from modules import make_checkpoint
     from utils.checkpoint import atomic_save
     from utils.config import load_config
-    import engine
 
     cfg = load_config("configs/demo/demo_train.yaml", TINY_OPTS + data_opts(demo, tmp_path) +
                       ["network.t2l.temporal_tokens=none"])
-    model = engine.build_model(cfg)  # adapters at their zero initialisation
+    model = factory.build_model(cfg)  # adapters at their zero initialisation
     atomic_save(make_checkpoint(model), tmp_path / "identity.pt")
     common = ["--config", "configs/demo/demo_test.yaml", "--opts", *TINY_OPTS, *data_opts(demo, tmp_path)]
     t2l = test_script.main(common[:2] + ["--weights", str(tmp_path / "identity.pt")] + common[2:])
@@ -232,7 +231,7 @@ def test_temporal_token_lr_scale_gives_the_tokens_their_own_group():
 
     for scale, n_groups in ((1.0, 2), (10.0, 3)):
         cfg = load_config("configs/demo/demo_train.yaml", TINY_OPTS + [f"solver.temporal_token_lr_scale={scale}"])
-        model = engine.build_model(cfg)
+        model = factory.build_model(cfg)
         groups = train_script.param_groups(model, cfg)
         assert len(groups) == n_groups
         trainable = dict(model.trainable_parameters())

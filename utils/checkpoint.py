@@ -53,10 +53,14 @@ def atomic_save(obj: Any, path: str | Path) -> None:
         raise OSError(f"could not write checkpoint {path}: {e}; the previous file (if any) is unchanged") from e
 
 
-def safe_load(path: str | Path, trust: bool = False, map_location: str = "cpu") -> Any:
+def safe_load(path: str | Path, trust: bool = False, map_location: str = "cpu", mmap: bool = False) -> Any:
     """Read a torch file with ``weights_only=True``; clear errors for missing, empty, truncated or unsafe files.
 
+    The one ``torch.load`` of the project (checkpoints, CLIP state dicts, the model factory's look at a file), so
+    every reader has the same error policy: ``FileNotFoundError`` / ``IsADirectoryError``, ``ValueError`` for an
+    empty, truncated or non-torch file, ``UnsafeCheckpointError`` for a file that needs full unpickling.
     ``trust=True`` allows full unpickling, which can execute code from the file: only for files you made.
+    ``mmap=True`` maps the tensors of a zip-format file instead of reading them (the legacy format is read whole).
     """
     path = Path(path)
     if not path.exists():
@@ -65,12 +69,13 @@ def safe_load(path: str | Path, trust: bool = False, map_location: str = "cpu") 
         raise IsADirectoryError(f"expected a checkpoint file, got a folder: {path}")
     if path.stat().st_size == 0:
         raise ValueError(f"checkpoint {path} is empty (0 bytes): an interrupted copy or download?")
-    if not _is_torch_file(path):
+    if not is_torch_file(path):
         # Checked first: torch.load reports random bytes as an unsafe pickle, and trusting them would not help.
         raise ValueError(f"checkpoint {path} could not be read: it is truncated or not a PyTorch file (neither a "
                          f"torch.save zip archive nor the legacy torch.save format)")
+    mmap = mmap and zipfile.is_zipfile(path)
     try:
-        return torch.load(path, map_location=map_location, weights_only=True)
+        return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as e:
         if not trust:
             # torch's message is long; the line naming the refused global is the one that says what the file holds.
@@ -81,7 +86,7 @@ def safe_load(path: str | Path, trust: bool = False, map_location: str = "cpu") 
                 f"code ({why[:200]}). If you made this file yourself or trust its source, pass "
                 f"--trust-checkpoint (trust=True); otherwise re-save it as a state dict or safetensors.") from e
         logger.warning("loading %s with full unpickling because it was marked as trusted", path)
-        return torch.load(path, map_location=map_location, weights_only=False)
+        return torch.load(path, map_location=map_location, weights_only=False, mmap=mmap)
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, KeyError, ValueError) as e:
         raise ValueError(f"checkpoint {path} could not be read: it is truncated or not a PyTorch file "
                          f"({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''})") from e
@@ -91,7 +96,7 @@ def safe_load(path: str | Path, trust: bool = False, map_location: str = "cpu") 
 _LEGACY_TORCH_HEAD = b"\x80\x02\x8a\x0a" + (0x1950A86A20F9469CFC6C).to_bytes(10, "little")
 
 
-def _is_torch_file(path: Path) -> bool:
+def is_torch_file(path: str | Path) -> bool:
     """Whether ``path`` is laid out as ``torch.save`` writes: a zip with a ``data.pkl``, or the legacy format."""
     try:
         if zipfile.is_zipfile(path):
