@@ -54,8 +54,10 @@ from datasets.readers import open_source
 from datasets.transforms import build_transform
 # The dataset's own test-view steps, so that a list file's frame counts are used exactly as test.py uses them.
 from datasets.video_dataset import frame_count, sample_test_views
+import features
 from features import VIDEO_EXTENSIONS, VideoTextEncoder, find_videos, load_model, read_text_items
-from utils.checkpoint import UnsafeCheckpointError, atomic_write, atomic_write_text
+from utils.checkpoint import UnsafeCheckpointError
+from utils.io import atomic_write, atomic_write_text, read_failures
 
 logger = logging.getLogger("extract_features")
 
@@ -356,6 +358,19 @@ def failures_text(failures: dict, entries: list) -> str:
     return "".join(f"{p}\t{failures[p]}\n" for p in sorted(failures, key=order.get))
 
 
+def encode_pending(store: ShardStore, pending: list, already_done: int, entries: list, encoder, args, base: dict,
+                   folder: Path) -> tuple[dict, dict]:
+    """Encode ``pending`` into ``store``, rewriting ``folder``'s failures.txt however that ends; returns the failures
+    and the counts of this run (the summary's ``last_run``)."""
+    start, failures = time.perf_counter(), {}
+    try:
+        failures, done_now = encode_into(store, pending, encoder, args, base)
+    finally:
+        atomic_write_text(folder / FAILURES, failures_text(failures, entries))
+    return failures, {"exported": done_now, "already_done": already_done, "failed": len(failures),
+                      "seconds": round(time.perf_counter() - start, 3)}
+
+
 def export_videos(args, encoder: VideoTextEncoder, out: Path, dist_info=None) -> dict:
     """Export the videos of ``args.input``; under torchrun (``dist_info``) each rank exports its part (:mod:`parts
     <extract_features>`: :func:`rank_slice`, :func:`merge_parts`) and rank 0 merges them into the same files."""
@@ -384,13 +399,7 @@ def export_videos(args, encoder: VideoTextEncoder, out: Path, dist_info=None) ->
         pending = [e for e in entries if e[0] not in store.done]
         logger.info("%d videos in %s: %d already exported, %d to do", len(entries), args.input,
                     len(entries) - len(pending), len(pending))
-        failures: dict = {}
-        try:
-            failures, done_now = encode_into(store, pending, encoder, args, base)
-        finally:
-            atomic_write_text(out / FAILURES, failures_text(failures, entries))
-        last = {"exported": done_now, "already_done": len(entries) - len(pending), "failed": len(failures),
-                "seconds": round(time.perf_counter() - start, 3)}
+        failures, last = encode_pending(store, pending, len(entries) - len(pending), entries, encoder, args, base, out)
     else:
         last = export_part(args, encoder, out, entries, store, config_hash, base, dist_info, run_id)
         if not dist_info.is_main:
@@ -461,13 +470,7 @@ def export_part(args, encoder, out: Path, entries: list, store: ShardStore, conf
     pending = [e for e in mine if e[0] not in done]
     logger.info("rank %d of %d: videos %d-%d of %d in %s: %d already exported, %d to do", dist_info.rank,
                 dist_info.world_size, lo + 1, hi, len(entries), args.input, len(mine) - len(pending), len(pending))
-    start, failures = time.perf_counter(), {}
-    try:
-        failures, done_now = encode_into(part, pending, encoder, args, base)
-    finally:
-        atomic_write_text(folder / FAILURES, failures_text(failures, entries))
-    last = {"exported": done_now, "already_done": len(mine) - len(pending), "failed": len(failures),
-            "seconds": round(time.perf_counter() - start, 3)}
+    failures, last = encode_pending(part, pending, len(mine) - len(pending), entries, encoder, args, base, folder)
     atomic_write_text(folder / PART_DONE, json.dumps({"run": run_id, **last}) + "\n")
     if failures and not dist_info.is_main:
         logger.warning("rank %d: %d video(s) could not be read; rank 0 lists them in %s", dist_info.rank,
@@ -531,7 +534,7 @@ def merge_parts(out: Path, entries: list, store: ShardStore, config_hash: str, a
     failures: dict = {}
     for folder in sorted((out / PARTS).iterdir()):  # this run's parts retried their failures: only theirs count
         if _done_record(folder, run_id) is not None:
-            failures.update(_read_failures(folder / FAILURES))
+            failures.update(read_failures(folder / FAILURES))
     failures = {p: r for p, r in failures.items() if p not in store.done}
     atomic_write_text(out / FAILURES, failures_text(failures, entries))
     arrays.clear()
@@ -539,17 +542,6 @@ def merge_parts(out: Path, entries: list, store: ShardStore, config_hash: str, a
     logger.info("merged %d rows of the ranks' parts into %s (%d rows, %d shards)", merged, out, store.num_rows,
                 store.num_shards)
     return failures
-
-
-def _read_failures(path: Path) -> dict:
-    if not path.is_file():
-        return {}
-    out = {}
-    for line in path.read_text(encoding="utf-8").splitlines():
-        p, sep, reason = line.partition("\t")
-        if sep:
-            out[p] = reason
-    return out
 
 
 def export_texts(args, encoder: VideoTextEncoder, out: Path) -> dict:
@@ -624,31 +616,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--root", help="folder the list file's relative paths are taken from")
     p.add_argument("--allow-outside-root", action="store_true",
                    help="with --root: accept list paths that lead outside it (.., links to other disks)")
-    p.add_argument("--frames", type=int, default=None, help="frames per clip (default: the T2L model's, or 8)")
-    p.add_argument("--input-size", type=int, default=None, help="frame side in pixels (default: the model's)")
-    p.add_argument("--clips", type=int, default=1, help="temporal clips per video, averaged (default 1)")
-    p.add_argument("--crops", type=int, default=1, choices=(1, 3), help="spatial crops per clip, averaged (default 1)")
     p.add_argument("--batch-size", type=int, default=8, help="videos per batch (default 8)")
     p.add_argument("--workers", type=int, default=2, help="data loading worker processes (default 2)")
     p.add_argument("--shard-size", type=int, default=1000, help="rows per shard file (default 1000)")
     p.add_argument("--per-frame", action="store_true", help="also save per-frame embeddings (frames_*.npy)")
-    p.add_argument("--image-tmpl", default="img_{:05d}.jpg", help="frame file names (default img_{:05d}.jpg)")
-    p.add_argument("--index-start", type=int, default=1, help="number of the first frame file (default 1)")
     p.add_argument("--compile", nargs="?", const="default", default="off", metavar="MODE",
                    choices=("off", "default", "reduce-overhead", "max-autotune"),
                    help="torch.compile the encoders: default, reduce-overhead (CUDA graphs) or max-autotune; the "
                         "compile time is logged")
-    p.add_argument("--rules", default="published", choices=("published", "centre"),
-                   help="test-time rules, as test.py's eval.rules: published (the published test code's frames, "
-                        "Pillow bicubic resize, logit scale 100; default) or centre (segment centres, torch bilinear "
-                        "resize, the model's logit scale)")
-    p.add_argument("--device", default="auto", help="auto (GPU if any), cpu, cuda, cuda:N (default auto)")
-    p.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16", "fp16"),
-                   help="auto: bf16 (fp16 on older GPUs) on GPU, fp32 on CPU (default auto)")
     p.add_argument("--threads", type=int, default=None,
                    help="CPU threads for the model (default: torch's choice; 1 is often fastest on a busy machine)")
-    p.add_argument("--trust-checkpoint", action="store_true",
-                   help="allow checkpoints that need full unpickling (can run code): only files you trust")
+    features.add_view_arguments(p, device="auto")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
 

@@ -424,6 +424,28 @@ def _is_link_cycle(path: str, top: str) -> bool:
     return False
 
 
+def add_view_arguments(parser, device: str = "auto") -> None:
+    """The command-line options of the programs built on this module (predict.py, extract_features.py): how a video
+    is read and viewed as test.py views it, and where and how the model runs. Their values go to
+    :func:`load_model` and :class:`VideoTextEncoder`."""
+    p = parser
+    p.add_argument("--frames", type=int, default=None, help="frames per clip (default: the T2L model's, or 8)")
+    p.add_argument("--input-size", type=int, default=None, help="frame side in pixels (default: the model's)")
+    p.add_argument("--clips", type=int, default=1, help="temporal clips per video, averaged (default 1)")
+    p.add_argument("--crops", type=int, default=1, choices=(1, 3), help="spatial crops per clip, averaged (default 1)")
+    p.add_argument("--image-tmpl", default="img_{:05d}.jpg", help="frame file names (default img_{:05d}.jpg)")
+    p.add_argument("--index-start", type=int, default=1, help="number of the first frame file (default 1)")
+    p.add_argument("--rules", default="published", choices=("published", "centre"),
+                   help="test-time rules, as test.py's eval.rules: published (the published test code's frames, "
+                        "Pillow bicubic resize, logit scale 100; default) or centre (segment centres, torch bilinear "
+                        "resize, the model's logit scale)")
+    p.add_argument("--device", default=device, help=f"auto (GPU if any), cpu, cuda or cuda:N (default {device})")
+    p.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16", "fp16"),
+                   help="auto: fp32 on CPU, bf16 (fp16 on older GPUs) on a GPU (default auto)")
+    p.add_argument("--trust-checkpoint", action="store_true",
+                   help="allow checkpoints that need full unpickling (can run code): only files you trust")
+
+
 def find_videos(folder: PathLike, image_tmpl: str = "img_{:05d}.jpg", index_start: int = 1,
                 extensions: Iterable[str] = VIDEO_EXTENSIONS) -> list:
     """Every video file and frames folder under ``folder`` (recursively), sorted.

@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 
 from datasets import SampleLoadError
+import features
 from features import load_model, read_class_texts
 from utils.checkpoint import UnsafeCheckpointError
 
@@ -54,21 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--templates", action="store_true", help="use the 16 prompt templates instead of descriptions")
     p.add_argument("--top-k", "-k", type=int, default=5, help="how many classes to show (default 5)")
     p.add_argument("--json", action="store_true", help="machine-readable output (one JSON object)")
-    p.add_argument("--frames", type=int, default=None, help="frames per clip (default: the T2L model's, or 8)")
-    p.add_argument("--input-size", type=int, default=None, help="frame side in pixels (default: the model's)")
-    p.add_argument("--clips", type=int, default=1, help="temporal clips, averaged (default 1)")
-    p.add_argument("--crops", type=int, default=1, choices=(1, 3), help="spatial crops per clip (default 1)")
-    p.add_argument("--image-tmpl", default="img_{:05d}.jpg", help="frame file names (default img_{:05d}.jpg)")
-    p.add_argument("--index-start", type=int, default=1, help="number of the first frame file (default 1)")
-    p.add_argument("--rules", default="published", choices=("published", "centre"),
-                   help="test-time rules, as test.py's eval.rules: published (the published test code's frames, "
-                        "Pillow bicubic resize, logit scale 100; default) or centre (segment centres, torch bilinear "
-                        "resize, the model's logit scale)")
-    p.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:N or auto")
-    p.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16", "fp16"),
-                   help="auto: fp32 on CPU, bf16/fp16 on GPU (default auto)")
-    p.add_argument("--trust-checkpoint", action="store_true",
-                   help="allow checkpoints that need full unpickling (can run code): only files you trust")
+    features.add_view_arguments(p, device="cpu")
     p.add_argument("-v", "--verbose", action="store_true", help="log what is loaded (to stderr)")
     t = p.add_argument_group("timeline of a long video (with --window)")
     t.add_argument("--window", help="score windows of this length: seconds (2s, 1.5s, 500ms) or frames (16, 16f)")

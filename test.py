@@ -9,7 +9,6 @@ several weights (one per training set) give base-to-novel with the harmonic mean
 """
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import sys
@@ -25,8 +24,8 @@ import numpy as np
 import engine
 from modules import convert_to_fp16_like_published, factory
 from utils import distributed
-from utils.checkpoint import atomic_write, atomic_write_text, remove_stale_tmp
-from utils.config import check_paths, load_config, save_config
+from utils.io import atomic_write, atomic_write_text, remove_stale_tmp
+from utils.config import check_paths, load_config, save_config, script_parser
 from utils.logger import setup_logging
 from utils.metrics import confusion_matrix, per_class_accuracy, save_confusion_png, write_per_class_csv
 from utils.protocols import base_novel_summary, mean_std
@@ -35,22 +34,17 @@ logger = logging.getLogger("test")
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog="examples:\n  python test.py --config configs/ucf101/UCF_zero_shot_testing.yaml "
-                                       "--weights output/k400/best_ucf101.pt\n"
-                                       "  python test.py --config configs/base_to_novel/hmdb51_base_to_novel.yaml "
-                                       "--weights s1/last.pt s2/last.pt s3/last.pt\n"
-                                       "  python test.py --config configs/ucf101/UCF_zero_shot_testing.yaml --baseline")
-    p.add_argument("--config", required=True)
+    p = script_parser(__doc__, ["python test.py --config configs/ucf101/UCF_zero_shot_testing.yaml "
+                                "--weights output/k400/best_ucf101.pt",
+                                "python test.py --config configs/base_to_novel/hmdb51_base_to_novel.yaml "
+                                "--weights s1/last.pt s2/last.pt s3/last.pt",
+                                "python test.py --config configs/ucf101/UCF_zero_shot_testing.yaml --baseline"],
+                      "eval.num_clips=4")
     p.add_argument("--weights", nargs="*", default=None,
                    help="T2L checkpoint(s), ours or published; several = one per training set (base-to-novel)")
     p.add_argument("--baseline", action="store_true", help="evaluate the frozen CLIP (frame average), no T2L")
     p.add_argument("--trust-checkpoint", action="store_true",
                    help="allow checkpoints that need full unpickling (can run code): only for files you trust")
-    p.add_argument("--compile", nargs="?", const="default", default=None, metavar="MODE",
-                   help="torch.compile the encoders (network.compile): default, reduce-overhead (CUDA graphs) or "
-                        "max-autotune; the compile time is logged")
-    p.add_argument("--opts", nargs="*", default=[], help="overrides by dotted key, e.g. eval.num_clips=4")
     return p.parse_args(argv)
 
 

@@ -11,7 +11,6 @@ of another checkpoint (ours or a published one).
 """
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import random
@@ -40,7 +39,7 @@ from modules.checkpoint import init_from_checkpoint
 from utils import distributed
 from utils.checkpoint import atomic_save, rng_state, set_rng_state
 from utils.io import atomic_write_text, remove_stale_tmp
-from utils.config import check_paths, load_config, save_config
+from utils.config import check_paths, load_config, save_config, script_parser
 from utils.logger import MetricsCSV, WandbLogger, plot_curves, setup_logging
 from utils.precision import Fp16MasterStep
 from utils.preemption import EXIT_REQUEUE, CheckpointClock, Preempted, StopSignals, ignore_stop_signals, signal_name
@@ -52,20 +51,16 @@ logger = logging.getLogger("train")
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog="examples:\n  python train.py --config configs/K-400/k400_train.yaml\n"
-                                       "  python train.py --config configs/demo/demo_train.yaml "
-                                       "--opts solver.epochs=2 data.batch_size=8\n"
-                                       "  torchrun --nproc_per_node 4 train.py --config configs/K-400/k400_train.yaml")
-    p.add_argument("--config", required=True, help="experiment YAML (extends a base file)")
-    p.add_argument("--opts", nargs="*", default=[], help="overrides by dotted key, e.g. data.batch_size=8")
+    p = script_parser(__doc__, ["python train.py --config configs/K-400/k400_train.yaml",
+                                "python train.py --config configs/demo/demo_train.yaml "
+                                "--opts solver.epochs=2 data.batch_size=8",
+                                "torchrun --nproc_per_node 4 train.py --config configs/K-400/k400_train.yaml"],
+                      "data.batch_size=8")
     p.add_argument("--resume", default=None,
                    help="checkpoint to resume from (default: the later of output_dir/last.pt and mid_epoch.pt)")
     p.add_argument("--no-resume", action="store_true",
                    help="start afresh even if output_dir holds a checkpoint (a launcher's restart of this run still "
                         "continues from it: TORCHELASTIC_RESTART_COUNT / SLURM_RESTART_COUNT > 0)")
-    p.add_argument("--compile", nargs="?", const="default", default=None, metavar="MODE",
-                   help="torch.compile the encoders (network.compile): default, reduce-overhead or max-autotune")
     return p.parse_args(argv)
 
 

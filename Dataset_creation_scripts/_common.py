@@ -50,6 +50,12 @@ class InputFormatError(ValueError):
         self.lineno = lineno
 
 
+def add_output_arguments(parser) -> None:
+    """--no-progress and -v/--verbose, as every tool with a progress bar takes them (see :func:`setup_logging`)."""
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+
+
 def setup_logging(verbose: bool = False) -> None:
     """Configure console logging for a command-line script (never called by library code)."""
     logging.basicConfig(

@@ -724,8 +724,7 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--index-start", type=int, default=1, help="number of the first frame file (default 1)")
     f.add_argument("--workers", type=int, default=_common.default_workers(),
                    help="processes that check the videos (default: the CPUs; 0 = this process)")
-    f.add_argument("--no-progress", action="store_true", help="no progress bar")
-    f.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    _common.add_output_arguments(f)
     f.set_defaults(func=build_folders)
     return p
 

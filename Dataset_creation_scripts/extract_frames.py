@@ -56,6 +56,7 @@ import _common
 from _common import FAILURES_NAME, MANIFEST_HEADER, MANIFEST_NAME, PARTIAL_FLAG, ClassMatcher, read_classes_csv
 
 from datasets.readers import VIDEO_EXTENSIONS  # noqa: E402  (the repository root is on sys.path via _common)
+from utils.io import read_failures  # noqa: E402
 
 logger = logging.getLogger("extract_frames")
 
@@ -442,18 +443,6 @@ def _failures_text(failures: Dict[str, str]) -> str:
     return "".join(f"{rel}\t{' '.join(reason.split())}\n" for rel, reason in sorted(failures.items()))
 
 
-def _read_failures(path: Path) -> Dict[str, str]:
-    """The previous run's failures.txt as ``{video rel: reason}`` (empty when there is none)."""
-    if not path.is_file():
-        return {}
-    out = {}
-    for line in path.read_text(encoding="utf-8").splitlines():
-        rel, sep, reason = line.partition("\t")
-        if sep:
-            out[rel] = reason
-    return out
-
-
 class _ManifestAppender:
     """Append one line per finished video; flush + fsync so that a kill loses at most a partial line."""
 
@@ -691,13 +680,13 @@ class PlainRecords:
     def start(self, videos: Sequence[Video]):
         """(manifest, flags, earlier failures) with only complete folders; manifest.txt rewritten that way."""
         previous = _read_manifest_if_any(self.appended)
-        earlier = _read_failures(self.out / FAILURES_NAME)
+        earlier = read_failures(self.out / FAILURES_NAME)
         shard_files = _shard_files(self.out)
         for kind, _, _, path in shard_files:
             if kind == "manifest":
                 previous.update(_read_manifest_if_any(path))
             else:
-                earlier.update(_read_failures(path))
+                earlier.update(read_failures(path))
         manifest: Dict[str, int] = {}
         flags: Dict[str, Tuple[str, ...]] = {}
         for f, (n, fl) in previous.items():
@@ -771,13 +760,13 @@ class ShardRecords:
             merged = {f: e for f, e in merged.items() if f not in self.folders}
             merged.update(mine)
             _write_manifest(self.out / MANIFEST_NAME, merged)
-            failures = _read_failures(self.out / FAILURES_NAME)
+            failures = read_failures(self.out / FAILURES_NAME)
             owners = set()
             shard_failures: Dict[str, str] = {}
             for kind, index, _, path in _shard_files(self.out):
                 if kind == "failures":
                     owners.add(index - 1)
-                    shard_failures.update(_read_failures(path))
+                    shard_failures.update(read_failures(path))
             failures = {r: why for r, why in failures.items() if shard_of(r, self.count) not in owners}
             failures.update(shard_failures)
             _common.atomic_write_text(self.out / FAILURES_NAME, _failures_text(failures))
@@ -802,7 +791,7 @@ class ShardRecords:
             logger.info("%d manifest entries had no complete folder and will be redone",
                         len([f for f in every if f in self.folders]) - len(mine))
         self._merge(mine, done=False)
-        earlier = {**_read_failures(self.out / FAILURES_NAME), **_read_failures(self.failures)}
+        earlier = {**read_failures(self.out / FAILURES_NAME), **read_failures(self.failures)}
         return {f: n for f, (n, _) in mine.items()}, {f: fl for f, (_, fl) in mine.items()}, earlier
 
     def finish(self, manifest, flags, failures: Dict[str, str]):
@@ -912,8 +901,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "into OUT's manifest and failures, and a killed one is resumed by running it again")
     p.add_argument("--classes", metavar="CSV", help="class list 'id,name'; labels come from each video's parent folder")
     p.add_argument("--list-out", metavar="FILE", help="with --classes: write '<folder> <num_frames> <label>' here")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    _common.add_output_arguments(p)
     return p
 
 

@@ -382,8 +382,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--frames", type=int, default=16, help="frames per video (default 16)")
     p.add_argument("--no-extract", action="store_true", help="only write videos and CSVs (no frames, no lists)")
     p.add_argument("--workers", type=int, default=2, help="worker processes for generation and extraction (default 2)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
-    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    _common.add_output_arguments(p)
     return p
 
 

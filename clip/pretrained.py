@@ -61,20 +61,18 @@ def _vit(embed_dim: int, resolution: int, layers: int, width: int, patch: int, t
 
 
 _BASE = "https://openaipublic.azureedge.net/clip/models"
-_MODELS = {
-    "ViT-B/32": PretrainedSpec(
-        f"{_BASE}/40d365715913c9da98579312b702a82c18be219cc2a73407c4526f58eba950af/ViT-B-32.pt",
-        _vit(512, 224, 12, 768, 32, 512)),
-    "ViT-B/16": PretrainedSpec(
-        f"{_BASE}/5806e77cd80f8b59890b7e101eabd078d9fb84e6937f9e85e4ecb61988df416f/ViT-B-16.pt",
-        _vit(512, 224, 12, 768, 16, 512)),
-    "ViT-L/14": PretrainedSpec(
-        f"{_BASE}/b8cca3fd41ae0c99ba7e8951adf17d267cdb84cd88be6f7c2e0eca1737a03836/ViT-L-14.pt",
-        _vit(768, 224, 24, 1024, 14, 768)),
-    "ViT-L/14@336px": PretrainedSpec(
-        f"{_BASE}/3035c92b350959924f9f00213499208652fc7ea050643e8b385c2dac08641f02/ViT-L-14-336px.pt",
-        _vit(768, 336, 24, 1024, 14, 768)),
+# name: (SHA-256 of the file, which is also part of its address; file name; _vit's sizes)
+_FILES = {
+    "ViT-B/32": ("40d365715913c9da98579312b702a82c18be219cc2a73407c4526f58eba950af", "ViT-B-32.pt",
+                 (512, 224, 12, 768, 32, 512)),
+    "ViT-B/16": ("5806e77cd80f8b59890b7e101eabd078d9fb84e6937f9e85e4ecb61988df416f", "ViT-B-16.pt",
+                 (512, 224, 12, 768, 16, 512)),
+    "ViT-L/14": ("b8cca3fd41ae0c99ba7e8951adf17d267cdb84cd88be6f7c2e0eca1737a03836", "ViT-L-14.pt",
+                 (768, 224, 24, 1024, 14, 768)),
+    "ViT-L/14@336px": ("3035c92b350959924f9f00213499208652fc7ea050643e8b385c2dac08641f02", "ViT-L-14-336px.pt",
+                       (768, 336, 24, 1024, 14, 768)),
 }
+_MODELS = {name: PretrainedSpec(f"{_BASE}/{sha}/{file}", _vit(*sizes)) for name, (sha, file, sizes) in _FILES.items()}
 
 
 def available_models() -> List[str]:

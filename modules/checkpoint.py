@@ -31,6 +31,10 @@ VERSION = 1
 
 _PUBLISHED_ADAPTER = re.compile(r"^(visual\.)?transformer\.resblocks\.(\d+)\.Adapter\.D_fc([12])\.(weight|bias)$")
 _OURS_ADAPTER = re.compile(r"^(vision|text)_adapters\.(\d+)\.(down|up)\.(weight|bias)$")
+# The temporal tensors: our name -> the published one (the adapters are mapped by the two patterns above).
+_TOKENS_TO_PUBLISHED = {"temporal_tokens": "visual.transformer.T_prompt_embeddings",
+                        "temporal_embedding": "visual.temporal_embedding"}
+_TOKENS_TO_OURS = {v: k for k, v in _TOKENS_TO_PUBLISHED.items()}
 
 
 def published_to_ours(state_dict: dict) -> tuple[dict, dict]:
@@ -42,10 +46,8 @@ def published_to_ours(state_dict: dict) -> tuple[dict, dict]:
             tower = "vision" if m.group(1) else "text"
             part = "down" if m.group(3) == "1" else "up"
             t2l_sd[f"{tower}_adapters.{m.group(2)}.{part}.{m.group(4)}"] = value
-        elif key == "visual.transformer.T_prompt_embeddings":
-            t2l_sd["temporal_tokens"] = value
-        elif key == "visual.temporal_embedding":
-            t2l_sd["temporal_embedding"] = value
+        elif key in _TOKENS_TO_OURS:
+            t2l_sd[_TOKENS_TO_OURS[key]] = value
         else:
             clip_sd[key] = value
     return clip_sd, t2l_sd
@@ -60,10 +62,8 @@ def ours_to_published(model: T2L) -> dict:
             prefix = "visual." if m.group(1) == "vision" else ""
             fc = "D_fc1" if m.group(3) == "down" else "D_fc2"
             sd[f"{prefix}transformer.resblocks.{m.group(2)}.Adapter.{fc}.{m.group(4)}"] = value
-        elif key == "temporal_tokens":
-            sd["visual.transformer.T_prompt_embeddings"] = value
-        elif key == "temporal_embedding":
-            sd["visual.temporal_embedding"] = value
+        elif key in _TOKENS_TO_PUBLISHED:
+            sd[_TOKENS_TO_PUBLISHED[key]] = value
         else:
             raise CheckpointError(f"T2L tensor {key!r} has no place in the published checkpoint layout")
     return sd

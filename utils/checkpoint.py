@@ -16,8 +16,7 @@ from typing import Any
 
 import torch
 
-# The writers live in utils.io; named here too, for the callers that write checkpoints and their companions.
-from utils.io import atomic_write, atomic_write_text, remove_stale_tmp  # noqa: F401
+from utils.io import atomic_write
 
 logger = logging.getLogger(__name__)
 

@@ -7,6 +7,7 @@ any work starts (``check_paths``). Paths in a config are relative to the directo
 """
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import logging
 import math
@@ -282,6 +283,19 @@ def _build(cls, data: Any, path: tuple, source: str):
             raise ConfigError(f"{where}: must be one of {', '.join(_CHOICES[key])}, got {value!r}")
         kwargs[f.name] = value
     return cls(**kwargs)
+
+
+def script_parser(description: str, examples: list[str], opts_example: str) -> argparse.ArgumentParser:
+    """The command line that the config-driven programs (train.py, test.py) share: ``--config``, ``--opts`` and
+    ``--compile``, with ``examples`` in the epilog; each program adds its own options."""
+    p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog="examples:\n" + "\n".join(f"  {e}" for e in examples))
+    p.add_argument("--config", required=True, help="experiment YAML (extends a base file)")
+    p.add_argument("--opts", nargs="*", default=[], help=f"overrides by dotted key, e.g. {opts_example}")
+    p.add_argument("--compile", nargs="?", const="default", default=None, metavar="MODE",
+                   help="torch.compile the encoders (network.compile): default, reduce-overhead (CUDA graphs) or "
+                        "max-autotune; the compile time is logged")
+    return p
 
 
 def load_config(path: Optional[str | Path], opts: Optional[list[str]] = None) -> Config:

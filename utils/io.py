@@ -132,3 +132,17 @@ def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+def read_failures(path: str | os.PathLike) -> dict[str, str]:
+    """A ``failures.txt`` (``<video><TAB><reason>`` per line, as extract_frames.py and extract_features.py write it)
+    as ``{video: reason}``; empty when the file does not exist. Lines without a tab are passed over."""
+    path = Path(path)
+    if not path.is_file():
+        return {}
+    out = {}
+    for line in path.read_text(encoding="utf-8").splitlines():
+        video, sep, reason = line.partition("\t")
+        if sep:
+            out[video] = reason
+    return out
