@@ -29,7 +29,7 @@ from utils.checkpoint import safe_load
 from utils.preemption import EXIT_REQUEUE, CheckpointClock, StopSignals
 
 import test_train_test as end_to_end
-from test_reliability import _patch_loss, assert_same_checkpoint, metrics_rows, run_forked, tmp_files
+from test_reliability import patch_loss, assert_same_checkpoint, metrics_rows, run_forked, tmp_files
 from test_reliability import one_thread_at_the_repo_root  # noqa: F401 (an autouse fixture: one torch thread, cwd)
 from test_train_test import train_args
 
@@ -194,10 +194,10 @@ def test_a_stop_half_way_through_a_gradient_accumulation_keeps_the_gradient(demo
 def test_the_count_of_nonfinite_losses_in_a_row_survives_a_mid_epoch_stop(demo, monkeypatch, tmp_path):
     out = tmp_path / "run"
     argv = train_args(demo, out, "eval.every=0", "solver.max_nonfinite_steps=2")
-    _patch_loss(monkeypatch, bad={3})
+    patch_loss(monkeypatch, bad={3})
     stopped_run(argv, {3: (signal.SIGTERM, "")})  # the 3rd loss is NaN, and the stop comes during it
     assert safe_load(out / "mid_epoch.pt")["nonfinite_run"] == 1
-    _patch_loss(monkeypatch, bad={1})  # the resumed run's first loss (batch 4) is NaN too: two in a row
+    patch_loss(monkeypatch, bad={1})  # the resumed run's first loss (batch 4) is NaN too: two in a row
     with pytest.raises(train_script.NonFiniteLossError, match=r"^2 non-finite losses in a row, the last at epoch 1 "):
         train_script.main(argv)
 

@@ -296,13 +296,13 @@ class _NaNAt(T2LLoss):
         return total, parts
 
 
-def _patch_loss(monkeypatch, **kwargs):
+def patch_loss(monkeypatch, **kwargs):
     monkeypatch.setattr(train_script, "T2LLoss", lambda *a, **k: _NaNAt(*a, **k, **kwargs))
 
 
 def test_a_nonfinite_loss_skips_the_step_is_counted_and_survives_a_resume(demo, monkeypatch, tmp_path):
     opts = ("eval.every=0",)
-    _patch_loss(monkeypatch, bad={2})
+    patch_loss(monkeypatch, bad={2})
     whole = train_script.main(train_args(demo, tmp_path / "whole", *opts))
     assert whole["nonfinite_skipped"] == 1 and whole["steps"] == 2 * 4 - 1
     rows = metrics_rows(tmp_path / "whole")
@@ -310,10 +310,10 @@ def test_a_nonfinite_loss_skips_the_step_is_counted_and_survives_a_resume(demo, 
     ckpt = safe_load(tmp_path / "whole" / "last.pt")
     assert all(torch.isfinite(v).all() for v in ckpt["model"].values())
     # The same run crashing in epoch 2 (after the NaN of epoch 1) and resumed: same counts, same weights.
-    _patch_loss(monkeypatch, bad={2}, abort_at=6)
+    patch_loss(monkeypatch, bad={2}, abort_at=6)
     with pytest.raises(KeyboardInterrupt):
         train_script.main(train_args(demo, tmp_path / "resumed", *opts))
-    _patch_loss(monkeypatch)  # the resumed process sees no NaN: epoch 1's is in the checkpoint
+    patch_loss(monkeypatch)  # the resumed process sees no NaN: epoch 1's is in the checkpoint
     train_script.main(train_args(demo, tmp_path / "resumed", *opts))
     assert metrics_rows(tmp_path / "resumed") == rows
     assert_same_checkpoint(ckpt, safe_load(tmp_path / "resumed" / "last.pt"), "last.pt")
@@ -322,7 +322,7 @@ def test_a_nonfinite_loss_skips_the_step_is_counted_and_survives_a_resume(demo, 
 def test_nonfinite_losses_in_a_row_stop_naming_the_step_and_the_last_good_checkpoint(demo, monkeypatch, tmp_path):
     out = tmp_path / "run"
     # NaN from the 5th loss on: epoch 1 (4 steps) finishes and is saved, epoch 2 never makes a step.
-    _patch_loss(monkeypatch, from_call=5)
+    patch_loss(monkeypatch, from_call=5)
     with pytest.raises(train_script.NonFiniteLossError,
                        match=rf"3 non-finite losses in a row, the last at epoch 2 step 4; stopping\. The last good "
                              rf"checkpoint is {re.escape(str(out / 'last.pt'))}\."):
@@ -331,7 +331,7 @@ def test_nonfinite_losses_in_a_row_stop_naming_the_step_and_the_last_good_checkp
     assert last["epoch"] == 0 and last["step"] == 4
     assert all(torch.isfinite(v).all() for v in last["model"].values())
     # From the first step: there is no good checkpoint, and the message says so.
-    _patch_loss(monkeypatch, from_call=1)
+    patch_loss(monkeypatch, from_call=1)
     with pytest.raises(train_script.NonFiniteLossError, match=r"the last at epoch 1 step 0;.*none \(no epoch "
                                                               r"finished yet\)"):
         train_script.main(train_args(demo, tmp_path / "fresh", "eval.every=0", "solver.max_nonfinite_steps=2"))
@@ -608,7 +608,7 @@ def test_a_checkpoint_that_runs_code_is_refused_everywhere_by_default(demo, refe
     argv = ["train.py", *["--resume", str(evil)] + train_args(demo, out)]
     capsys.readouterr()
     with pytest.raises(SystemExit) as info:
-        _run_as_script("train.py", argv)
+        run_as_script("train.py", argv)
     assert info.value.code == 1
     err = capsys.readouterr().err
     assert re.search(rf"ERROR train: {re.escape(str(evil))} is not a plain weights file", err)
@@ -616,7 +616,7 @@ def test_a_checkpoint_that_runs_code_is_refused_everywhere_by_default(demo, refe
     assert not marker.exists()
 
 
-def _run_as_script(script: str, argv: list):
+def run_as_script(script: str, argv: list):
     saved = sys.argv
     sys.argv = argv
     try:

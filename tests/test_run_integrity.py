@@ -31,7 +31,7 @@ from utils.logger import read_metrics_csv
 from utils.schedule import WarmupCosine
 
 import test_train_test as end_to_end
-from test_reliability import _run_as_script, assert_same_checkpoint, metrics_rows, snapshot
+from test_reliability import run_as_script, assert_same_checkpoint, metrics_rows, snapshot
 from test_reliability import one_thread_at_the_repo_root  # noqa: F401 (an autouse fixture: one torch thread, cwd)
 from test_train_test import data_opts, train_args
 
@@ -240,7 +240,7 @@ def test_ctrl_c_in_test_py_and_train_py_ends_with_one_line(demo, one_epoch, tmp_
             *end_to_end.TINY_OPTS, *data_opts(demo, tmp_path / "out")]
     capsys.readouterr()
     with pytest.raises(SystemExit) as info:
-        _run_as_script("test.py", argv)
+        run_as_script("test.py", argv)
     assert info.value.code == 130
     err = capsys.readouterr().err
     assert "Traceback" not in err
@@ -250,7 +250,7 @@ def test_ctrl_c_in_test_py_and_train_py_ends_with_one_line(demo, one_epoch, tmp_
     # train.py likewise (interrupted while it builds the model).
     monkeypatch.setattr(factory, "build_model", interrupted)
     with pytest.raises(SystemExit) as info:
-        _run_as_script("train.py", ["train.py", *train_args(demo, tmp_path / "train")])
+        run_as_script("train.py", ["train.py", *train_args(demo, tmp_path / "train")])
     assert info.value.code == 130
     err = capsys.readouterr().err
     assert "Traceback" not in err and re.search(r"ERROR train: interrupted: .*run the same command again", err)
