@@ -164,15 +164,20 @@ def test_export_equals_api_and_nearest_class_equals_test_py(demo, ckpt, encoder,
     assert score_labels.tolist() == labels.tolist()
 
 
-def test_kill_at_random_point_then_rerun_gives_identical_files(demo, ckpt, tmp_path):
-    # Many distinct inputs cheaply: links to the demo's frame folders, plus two unreadable files.
-    src = tmp_path / "src"
+def linked_inputs(demo, src: Path, n: int, broken: str, empty: str) -> Path:
+    """Many distinct inputs cheaply: ``n`` links to the demo's frame folders, plus two unreadable files (random bytes
+    and an empty file, named ``<broken>_broken.mp4`` and ``<empty>_empty.mp4``)."""
     src.mkdir()
     folders = sorted(p for p in (demo / "frames").glob("*/*/*") if p.is_dir())
-    for i in range(80):
+    for i in range(n):
         (src / f"v{i:03d}").symlink_to(folders[i % len(folders)], target_is_directory=True)
-    (src / "v050_broken.mp4").write_bytes(os.urandom(3000))
-    (src / "v090_empty.mp4").write_bytes(b"")
+    (src / f"{broken}_broken.mp4").write_bytes(os.urandom(3000))
+    (src / f"{empty}_empty.mp4").write_bytes(b"")
+    return src
+
+
+def test_kill_at_random_point_then_rerun_gives_identical_files(demo, ckpt, tmp_path):
+    src = linked_inputs(demo, tmp_path / "src", 80, broken="v050", empty="v090")
     common = ["--model", str(ckpt), "--shard-size", "4", "--batch-size", "2", "--workers", "0", "--per-frame"]
 
     full = tmp_path / "full"
@@ -209,13 +214,7 @@ def test_torchrun_ranks_export_the_files_of_one_process_and_resume_each_its_own_
     """``torchrun --nproc_per_node 2``: rank 1 is SIGKILLed after its second shard (its part folder keeps them),
     torchrun restarts both ranks, each resumes its own part, rank 0 merges: every file byte-identical to a
     single-process export of the same inputs (two of them unreadable)."""
-    src = tmp_path / "src"
-    src.mkdir()
-    folders = sorted(p for p in (demo / "frames").glob("*/*/*") if p.is_dir())
-    for i in range(22):
-        (src / f"v{i:03d}").symlink_to(folders[i % len(folders)], target_is_directory=True)
-    (src / "v005_broken.mp4").write_bytes(os.urandom(3000))
-    (src / "v019_empty.mp4").write_bytes(b"")
+    src = linked_inputs(demo, tmp_path / "src", 22, broken="v005", empty="v019")
     common = ["--model", str(ckpt), "--shard-size", "3", "--batch-size", "2", "--workers", "0", "--per-frame"]
     one = tmp_path / "one"
     assert run_export(src, "--out", one, *common) == 1  # 1: two videos could not be read
