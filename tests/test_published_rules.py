@@ -192,12 +192,12 @@ def test_path_rules_turn_the_authors_paths_into_ours(tmp_path):
     from datasets import ListFileError, PathRules, read_list_file
 
     lst = tmp_path / "test.txt"
-    lst.write_text("/cluster/data/hmdb/a_kick_ball_0.avi 53 20\n/media/other/UCF/v_Biking_g01_c01 70 10\n")
+    lst.write_text("/authors/data/hmdb/a_kick_ball_0.avi 53 20\n/elsewhere/other/UCF/v_Biking_g01_c01 70 10\n")
     root = str(tmp_path / "frames")
-    prefix = PathRules.from_options({"/cluster/data/hmdb/": "", "/cluster/data/": "elsewhere/"})
+    prefix = PathRules.from_options({"/authors/data/hmdb/": "", "/authors/data/": "elsewhere/"})
     recs = read_list_file(str(lst), root=root, paths=prefix)
     # the longest prefix wins and becomes relative to the root; a path no prefix matches is kept
-    assert [r.path for r in recs] == [os.path.join(root, "a_kick_ball_0.avi"), "/media/other/UCF/v_Biking_g01_c01"]
+    assert [r.path for r in recs] == [os.path.join(root, "a_kick_ball_0.avi"), "/elsewhere/other/UCF/v_Biking_g01_c01"]
     last = read_list_file(str(lst), root=root, paths=PathRules.from_options(keep_last=1, drop_extension=True))
     assert [r.path for r in last] == [os.path.join(root, "a_kick_ball_0"), os.path.join(root, "v_Biking_g01_c01")]
     assert [(r.num_frames, r.label, r.line) for r in last] == [(53, 20, 1), (70, 10, 2)]

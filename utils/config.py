@@ -45,7 +45,7 @@ T2LSection = _section_of(T2LOptions, "T2LSection")
 @dataclass
 class PathsSection:
     """How a list file's paths become paths on this machine (datasets.lists.PathRules), e.g. for the published split
-    files, which hold the authors' absolute paths: map {"/cluster/.../hmdb/": ""} plus the set's root."""
+    files, which hold the authors' absolute paths: map {"<their prefix>/hmdb/": ""} plus the set's root."""
     map: dict = field(default_factory=dict)   # {prefix written in the list: replacement}; the longest prefix wins
     keep_last: int = 0                        # keep only the last K path components (joined with the root)
     drop_extension: bool = False              # "x.avi" -> "x": extract_frames.py names frame folders without it
