@@ -35,7 +35,6 @@ import engine
 from datasets import VideoDataset, failure_summary_line
 from datasets.samplers import ResumableDistributedSampler
 from modules import T2LLoss, convert_to_fp16_like_published, factory, save_published
-from modules.checkpoint import init_from_checkpoint
 from utils import distributed
 from utils.checkpoint import atomic_save, rng_state, set_rng_state
 from utils.io import atomic_write_text, remove_stale_tmp
@@ -211,10 +210,7 @@ def build_solver(run: Run, args) -> tuple[Optional[Path], Optional[dict]]:
     returns the checkpoint to resume from (:func:`choose_resume`) and its content if already read."""
     cfg, device, out = run.cfg, run.device, run.out
     resume, resume_ckpt = choose_resume(args, out, trust=cfg.network.trust_checkpoint)
-    model = factory.build_model(cfg)
-    if cfg.network.init_from and not resume:
-        init_from_checkpoint(model, cfg.network.init_from, trust=cfg.network.trust_checkpoint)
-        logger.info("T2L tensors initialised from %s (network.init_from)", cfg.network.init_from)
+    model = factory.build_model(cfg, init_from=None if resume else cfg.network.init_from)
     fp16_weights = engine.uses_fp16_weights(device, cfg.solver.precision)
     if fp16_weights:
         convert_to_fp16_like_published(model)

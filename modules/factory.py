@@ -24,7 +24,8 @@ from torch import nn
 import clip
 
 from .backbone import random_clip
-from .checkpoint import FORMAT, check_num_frames, is_published, read_checkpoint, t2l_from_checkpoint
+from .checkpoint import (FORMAT, check_num_frames, init_from_checkpoint, is_published, read_checkpoint,
+                         t2l_from_checkpoint)
 from .model_folder import is_model_folder, load_model_folder, read_folder_config
 from .t2l import T2L, build_t2l
 
@@ -68,10 +69,16 @@ def build_clip(cfg) -> nn.Module:
     return clip.load(cfg.network.pretrained, device="cpu", **kwargs)
 
 
-def build_model(cfg, clip_model: Optional[nn.Module] = None) -> T2L:
-    """A fresh T2L (training) from the config's model options, on ``clip_model`` or :func:`build_clip`'s CLIP."""
+def build_model(cfg, clip_model: Optional[nn.Module] = None, init_from: Optional[str] = None) -> T2L:
+    """A fresh T2L (training) from the config's model options, on ``clip_model`` or :func:`build_clip`'s CLIP;
+    with ``init_from`` (train.py passes ``network.init_from`` on a first start) its T2L tensors start from that
+    checkpoint or model folder (``modules.checkpoint.init_from_checkpoint``: ours or published)."""
     clip_model = clip_model if clip_model is not None else build_clip(cfg)
-    return build_t2l(clip_model, num_frames=cfg.data.num_frames, **vars(cfg.network.t2l))
+    model = build_t2l(clip_model, num_frames=cfg.data.num_frames, **vars(cfg.network.t2l))
+    if init_from:
+        init_from_checkpoint(model, init_from, trust=cfg.network.trust_checkpoint)
+        logger.info("T2L tensors initialised from %s (network.init_from)", init_from)
+    return model
 
 
 def load_eval_model(cfg, weights: Optional[str]) -> nn.Module:
