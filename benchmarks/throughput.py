@@ -652,6 +652,15 @@ def parse_args(argv=None):
 
 def main(argv=None) -> dict:
     """Run the benchmark; print the markdown table and a summary; return the figures as a dict."""
+    modules_logger = logging.getLogger("modules")
+    level = modules_logger.level
+    try:
+        return run_benchmark(argv)
+    finally:
+        modules_logger.setLevel(level)  # called in-process (the tests): the quieted logger comes back as it was
+
+
+def run_benchmark(argv=None) -> dict:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     logging.getLogger("modules").setLevel(logging.WARNING)  # one parameter report per T2L built is noise here
