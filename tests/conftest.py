@@ -51,6 +51,24 @@ def tiny_clip_file(tmp_path, tiny_clip_state_dict):
 
 
 @pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    """The synthetic demo set (videos, frames, lists, classes, descriptions), 2 videos per class and split; a module
+    that needs another size defines its own ``demo``."""
+    import sys
+    from pathlib import Path
+
+    tools = str(Path(__file__).resolve().parents[1] / "Dataset_creation_scripts")
+    if tools not in sys.path:
+        sys.path.insert(0, tools)
+    import make_synthetic_demo
+
+    out = tmp_path_factory.mktemp("demo")
+    assert make_synthetic_demo.main([str(out), "--train-per-class", "2", "--val-per-class", "2",
+                                     "--no-progress", "--workers", "1"]) == 0
+    return out
+
+
+@pytest.fixture(scope="module")
 def single_thread():
     """One intra-op thread for a module's tests: on a busy 2-core machine two threads spin against each other and
     run many times slower. Use with ``pytestmark = pytest.mark.usefixtures("single_thread")``."""

@@ -75,17 +75,6 @@ def one_thread_and_own_logging():
 
 
 @pytest.fixture(scope="module")
-def demo(tmp_path_factory):
-    """The synthetic demo set (videos, frames, lists, classes, descriptions), 2 videos per class and split."""
-    import make_synthetic_demo
-
-    out = tmp_path_factory.mktemp("demo")
-    assert make_synthetic_demo.main([str(out), "--train-per-class", "2", "--val-per-class", "2",
-                                     "--no-progress", "--workers", "1"]) == 0
-    return out
-
-
-@pytest.fixture(scope="module")
 def ckpt(tmp_path_factory):
     return save_tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny_t2l.pt")
 

@@ -27,16 +27,6 @@ pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 @pytest.fixture(scope="module")
-def demo(tmp_path_factory):
-    import make_synthetic_demo
-
-    out = tmp_path_factory.mktemp("demo")
-    assert make_synthetic_demo.main([str(out), "--train-per-class", "2", "--val-per-class", "2",
-                                     "--no-progress", "--workers", "1"]) == 0
-    return out
-
-
-@pytest.fixture(scope="module")
 def ckpt(tmp_path_factory):
     """A tiny random T2L checkpoint of ours; T2L tensors perturbed so that adapters and tokens matter."""
     return save_tiny_t2l(tmp_path_factory.mktemp("ckpt") / "tiny.pt")
