@@ -41,7 +41,8 @@ from utils.io import atomic_write_text, remove_stale_tmp
 from utils.config import check_paths, load_config, save_config, script_parser
 from utils.logger import MetricsCSV, WandbLogger, plot_curves, setup_logging
 from utils.precision import Fp16MasterStep
-from utils.preemption import EXIT_REQUEUE, CheckpointClock, Preempted, StopSignals, ignore_stop_signals, signal_name
+from utils.preemption import (EXIT_REQUEUE, CheckpointClock, Preempted, StopSignals, end_worker_processes,
+                              ignore_stop_signals, signal_name)
 from utils.schedule import WarmupCosine
 from utils.training_state import (LAST, MID_EPOCH, choose_resume, data_layout, restore_partial_epoch, resume_training,
                                   save_mid_epoch, training_checkpoint)
@@ -492,7 +493,10 @@ if __name__ == "__main__":
     from utils.checkpoint import UnsafeCheckpointError
 
     try:
-        main()
+        try:
+            main()
+        finally:
+            end_worker_processes()  # workers left by an error would keep the exit waiting (utils.preemption)
     except Preempted as e:
         logging.getLogger("train").warning("%s; exit status %d: run the same command again to continue", e,
                                            EXIT_REQUEUE)

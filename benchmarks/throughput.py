@@ -709,4 +709,9 @@ def run_benchmark(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    from utils.preemption import end_worker_processes
+
+    try:
+        main()
+    finally:
+        end_worker_processes()  # train-e2e's workers ignore SIGTERM: an error must not leave the exit waiting

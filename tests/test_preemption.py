@@ -257,6 +257,25 @@ def test_dataloader_workers_survive_a_sigterm_to_the_process_group_and_prefetche
     assert_equals_reference(out, reference, resumes=(["data.num_workers"],))
 
 
+def test_the_command_line_ends_on_an_error_raised_while_its_workers_are_alive(demo, tmp_path):
+    """The workers ignore SIGTERM, which multiprocessing sends its children at exit before waiting for them: an error
+    raised while the loader is in use (here an unreadable video with data.on_error=raise, in a worker) used to leave
+    ``python train.py`` waiting forever after its error line. It must end with status 1, naming the file."""
+    bad_list = tmp_path / "train.txt"
+    lines = (demo / "train.txt").read_text().splitlines()
+    bad_list.write_text("\n".join([*lines[:6], "train/nowhere/missing_000 16 0", *lines[6:]]) + "\n")
+    args = [*train_args(demo, tmp_path / "run"), f"data.train_list={bad_list}", "data.on_error=raise",
+            "data.num_workers=1", "--no-resume"]
+    try:
+        done = subprocess.run([sys.executable, "train.py", *args], cwd=ROOT, capture_output=True, text=True,
+                              timeout=90, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    except subprocess.TimeoutExpired as e:
+        pytest.fail(f"train.py did not end after its error: {(e.stderr or b'')[-2000:]!r}")
+    assert done.returncode == 1, done.stderr[-3000:]
+    assert "missing_000: no such frames folder or video file" in done.stderr
+    assert "exited unexpectedly" not in done.stderr
+
+
 def _fake_slurm(folder: Path) -> Path:
     """``srun`` (runs its command here) and ``scontrol`` (this host; ``requeue`` is written to $FAKE_SLURM_LOG)."""
     folder.mkdir()

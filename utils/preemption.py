@@ -80,10 +80,33 @@ class StopSignals:
 def ignore_stop_signals(worker_id: int = 0) -> None:
     """DataLoader ``worker_init_fn``: the workers leave SIGTERM and SIGUSR1 to the training process.
 
-    A worker still ends with its parent: PyTorch's workers watch the parent process and exit when it is gone.
+    A worker still ends with its parent: PyTorch's workers watch the parent process and exit when it is gone. But
+    the parent, on its way out, asks its remaining children to end with SIGTERM and waits for them, so a command
+    line that can stop with workers alive must call :func:`end_worker_processes` first.
     """
     for s in STOP_SIGNALS:
         signal.signal(s, signal.SIG_IGN)
+
+
+def end_worker_processes() -> None:
+    """End this process's remaining child processes (DataLoader workers), at the end of a command line.
+
+    Workers that ignore SIGTERM (:func:`ignore_stop_signals`) outlive an error raised while their loader was in use
+    (its iterator is still referenced by the error's traceback): ``multiprocessing`` would then wait for them at exit
+    forever, since its SIGTERM is ignored and they wait for their parent to go. They hold no state, so they are
+    killed. PyTorch's SIGCHLD handler is reset first: it would report the workers it sees die as a failure.
+    """
+    import multiprocessing
+
+    children = multiprocessing.active_children()
+    if not children:
+        return
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    for p in children:
+        p.kill()
+    for p in children:
+        p.join(timeout=10)
 
 
 class CheckpointClock:
