@@ -1,8 +1,8 @@
 """The one model factory: every script and ``features.load_model`` build or load their model here.
 
     build_clip(cfg)                  the frozen CLIP of ``network.pretrained`` (a ``clip.load`` name or path, or random)
-    build_model(cfg)                 a fresh T2L for training, on that CLIP (train.py; ``network.init_from`` then
-                                     fills its T2L tensors through ``modules.checkpoint.init_from_checkpoint``)
+    build_model(cfg, init_from)      a fresh T2L for training, on that CLIP (train.py); with ``init_from``
+                                     (``network.init_from``) its T2L tensors start from that checkpoint or folder
     load_model("last.pt")            a T2L (our checkpoint, a published one, a model folder) or, for a CLIP name or
                                      CLIP weights, the frame-averaged CLIP baseline; returns a :class:`LoadedModel`
     load_eval_model(cfg, weights)    what test.py evaluates: the T2L of ``weights``, or the baseline for None
