@@ -33,7 +33,7 @@ from utils.protocols import class_subsets, mean_std, restrict_to_classes
 logger = logging.getLogger(__name__)
 
 
-# ---------------------------------------------------------------------------------------------- precision
+# ---------------------------------------------------------------------------------------------- compilation
 COMPILE_MODES = ("off", "default", "reduce-overhead", "max-autotune")
 
 
@@ -69,6 +69,7 @@ def _log_first_call(fn, name: str, mode: str):
     return call
 
 
+# ---------------------------------------------------------------------------------------------- precision
 def autocast(device: torch.device, precision: str):
     """One autocast context for the whole project: bf16/fp16 on GPU, nothing (fp32) on CPU.
 

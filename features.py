@@ -45,6 +45,7 @@ from tqdm import tqdm
 
 import engine
 from datasets import TEST_RULES, load_class_list, load_video_clip
+from datasets.lists import VIDEO_EXTENSIONS  # the one list of video file extensions (data tools, PathRules)
 from engine import ClassTexts
 from modules import TEMPLATES, factory, read_descriptions, tokenize_class_texts
 from modules.factory import model_kind
@@ -57,8 +58,6 @@ __all__ = ["VideoTextEncoder", "load_model", "model_kind", "ClassTexts", "TextIt
            "VIDEO_EXTENSIONS", "DEFAULT_FRAMES"]
 
 PathLike = Union[str, os.PathLike]
-VIDEO_EXTENSIONS = (".mp4", ".avi", ".webm", ".mkv", ".mov", ".m4v", ".mpg", ".mpeg", ".flv", ".wmv", ".3gp",
-                    ".ogv", ".ts")
 DEFAULT_FRAMES = 8  # frames per clip for a frozen CLIP, which has no trained frame count
 
 

@@ -109,7 +109,8 @@ def predict(args) -> dict:
 
 
 def predict_timeline(args):
-    """Timeline mode: score every window, write the files into --out; returns (timeline.json's dict, segments)."""
+    """Timeline mode: score every window, write the files into --out; returns (the ``timeline.Timeline``, its
+    segments, the paths written by ``timeline.write_timeline``)."""
     import timeline
 
     if args.min_segment < 0:

@@ -43,6 +43,7 @@ VIDEO_EXTENSIONS = (".mp4", ".avi", ".webm", ".mkv", ".mov", ".m4v", ".mpg", ".m
 MANIFEST_NAME = "manifest.txt"
 MANIFEST_HEADER = "# manifest of extract_frames.py: <frames folder> <num_frames> [rotation=<degrees>] [partial]"
 PARTIAL_FLAG = "partial"
+_MANIFEST_MARK = MANIFEST_HEADER.split(":")[0]  # what a header line starts with (its wording after ':' may change)
 
 
 class ListFileError(ValueError):
@@ -225,7 +226,7 @@ def read_manifest(path, strict: bool = True) -> Dict[str, Tuple[int, Tuple[str, 
         logger.warning("%s: ignoring an unfinished last line %r", path, lines[-1][:80])
     out: Dict[str, Tuple[int, Tuple[str, ...]]] = {}
     for line_no, line in enumerate(lines[:-1], start=1):
-        if not line.strip() or (line_no == 1 and line.startswith(MANIFEST_HEADER.split(":")[0])):
+        if not line.strip() or (line_no == 1 and line.startswith(_MANIFEST_MARK)):
             continue
         try:
             folder, n, flags = parse_manifest_line(line)
@@ -240,7 +241,7 @@ def read_manifest(path, strict: bool = True) -> Dict[str, Tuple[int, Tuple[str, 
 
 def _refuse_manifest(path: str, first_line: str) -> None:
     """A manifest read as a list would turn frame counts into labels: refuse it, saying what it is."""
-    if first_line.startswith(MANIFEST_HEADER.split(":")[0]) or os.path.basename(path) == MANIFEST_NAME:
+    if first_line.startswith(_MANIFEST_MARK) or os.path.basename(path) == MANIFEST_NAME:
         raise ListFileError(
             f"{path} is the manifest that extract_frames.py writes ('<frames folder> <num_frames>' per line, "
             "no labels), not a list file: read as one, its frame counts would become labels. Make list files "

@@ -22,6 +22,7 @@ it. The reasons are worded here once and shared by the extraction and list tools
 
 from __future__ import annotations
 
+import functools
 import io
 import logging
 import os
@@ -136,6 +137,7 @@ def video_backend() -> str:
     return _BACKEND
 
 
+@functools.lru_cache(maxsize=None)
 def _template_regex(image_tmpl: str) -> "re.Pattern[str]":
     """A regex matching the file names of ``image_tmpl`` (``img_{:05d}.jpg`` -> ``img_(\\d+)\\.jpg``)."""
     parts = []
@@ -144,6 +146,15 @@ def _template_regex(image_tmpl: str) -> "re.Pattern[str]":
         if field is not None:
             parts.append(r"(\d+)")
     return re.compile("".join(parts) + r"\Z")
+
+
+@functools.lru_cache(maxsize=None)
+def _plain_decimal(image_tmpl: str) -> bool:
+    """Whether ``image_tmpl`` has one index field written as plain or zero-padded decimal digits (``{}``, ``{:d}``,
+    ``{:05d}``): then each of its names matches :func:`_template_regex` and gives back its own index."""
+    fields = [(f, spec, conv) for _lit, f, spec, conv in string.Formatter().parse(image_tmpl) if f is not None]
+    return (len(fields) == 1 and fields[0][0] in ("", "0") and fields[0][2] is None
+            and re.fullmatch(r"(0\d*)?d?", fields[0][1]) is not None)
 
 
 def count_frame_files(folder: str, image_tmpl: str = "img_{:05d}.jpg", index_start: int = 1) -> int:
@@ -157,6 +168,11 @@ def count_frame_files(folder: str, image_tmpl: str = "img_{:05d}.jpg", index_sta
         names = os.listdir(folder)
     except OSError as e:
         raise SampleLoadError(folder, f"cannot list the frames folder ({e.strerror or e})") from e
+    # The usual folder holds its frame files and nothing else: then there is no gap, and the per-name scan below
+    # (the dataset counts for every sample, ~1 us a name) would find exactly len(names).
+    if index_start >= 0 and _plain_decimal(image_tmpl) and \
+            set(names) == set(map(image_tmpl.format, range(index_start, index_start + len(names)))):
+        return len(names)
     pattern = _template_regex(image_tmpl)
     present = set()
     for name in names:

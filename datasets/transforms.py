@@ -80,7 +80,8 @@ def _resize_pil_bicubic(clip: torch.Tensor, height: int, width: int) -> torch.Te
 
 
 def _to_float(clip: torch.Tensor) -> torch.Tensor:
-    """uint8 -> float32 in [0, 1], contiguous (T, 3, H, W)."""
+    """uint8 levels (or the float32 levels of a resize off the CPU, see _resize) -> float32 in [0, 1], contiguous
+    (T, 3, H, W)."""
     return clip.contiguous().to(torch.float32).div_(255.0)
 
 

@@ -264,14 +264,10 @@ class VideoDataset(Dataset):
                         f"image_tmpl/index_start") from e
                 current = (current + 1) % len(self)
         label = self.records[current].label
-        params = None
-        if self.deferred and self.mode == "train":
-            video, params = video
-        if self.deferred:
-            return {"video": video, "params": params, "label": -1 if label is None else label, "index": current,
-                    "failed": failed}
-        return {"video": video, "label": -1 if label is None else label, "index": current,
-                "failed": failed}
+        sample = {"video": video, "label": -1 if label is None else label, "index": current, "failed": failed}
+        if self.deferred:  # uint8 frames, and in training the augmentation's choices (load returns both)
+            sample["video"], sample["params"] = video if self.mode == "train" else (video, None)
+        return sample
 
     @property
     def collate(self):

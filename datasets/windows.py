@@ -5,7 +5,7 @@ is treated as one short video and gets exactly the dataset's test views (``sampl
 test-time frame sampling over the window's frames, the test transform), so a window is scored as test.py scores a
 clip.
 
-Video files are decoded once, front to back, by PyAV (:func:`stream_windows`). Only the frames that a window still
+Video files are decoded once, front to back, by PyAV (:class:`WindowStream`). Only the frames that a window still
 to be emitted will sample are kept (as decoded RGB arrays), and each is dropped as soon as the last window that
 samples it has been emitted: memory is bounded by the frames of the windows that overlap the decoding position
 (about ``ceil(window / stride) * views * T`` frames), whatever the length of the video. Frames that no window
@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from .readers import (FrameFolder, SampleLoadError, VideoFile, decoding_failed, open_pyav, quarter_turns,
-                      rotate_frame)
+                      rotate_frame, short_stream)
 from .sampling import sample_indices
 from .video_dataset import sample_test_views
 
@@ -141,9 +141,10 @@ class WindowStream:
     """The test views of every window of one video, in order: ``for window, views in WindowStream(...)``.
 
     ``views`` is float32 ``(V, T, 3, S, S)``, exactly what ``datasets.load_video_clip`` gives for a video made of the
-    window's frames, with ``transform`` and ``frame_rule`` of the same test rules (``datasets.TEST_RULES``). Attributes after (or during) the pass: ``decoded`` (frames decoded), ``max_cached`` (most RGB
-    frames held at once: the memory bound), ``complete`` (every planned window was emitted), ``length`` (frames the
-    video turned out to have: the header's count, or fewer when the stream ended before it).
+    window's frames, with ``transform`` and ``frame_rule`` of the same test rules (``datasets.TEST_RULES``).
+    Attributes after (or during) the pass: ``decoded`` (frames decoded), ``max_cached`` (most RGB frames held at
+    once: the memory bound), ``complete`` (every planned window was emitted), ``length`` (frames the video turned
+    out to have: the header's count, or fewer when the stream ended before it).
 
     A decoding error, or a stream that ends well before the frame count its header announces, raises
     :class:`SampleLoadError` naming the file once the windows that could be read have been yielded.
@@ -239,8 +240,8 @@ class WindowStream:
             self.complete = True
             return
         # The stream ended (or broke) before the last frames that the remaining windows sample.
-        gap = total - self.decoded
-        if error is None and last_frame is not None and gap <= max(2, total // 50):
+        short = short_stream(self.decoded, total)  # the readers' rule for a header that overestimates the length
+        if error is None and last_frame is not None and short is None:
             # A header that overestimates the length a little: windows that start past the last frame are dropped,
             # and in the others the last frame stands in for the missing ones, as the reader does.
             logger.warning("%s: the stream ends after %d frames, its header says %d: the timeline stops there",
@@ -258,7 +259,8 @@ class WindowStream:
         self.length = self.decoded
         if error is not None:
             raise SampleLoadError(self.path, decoding_failed(self.decoded, error)) from error
-        raise SampleLoadError(self.path, f"video ends after {self.decoded} of the {total} frames its header "
+        # (a stream of a frame or two that decodes none is within the tolerance, yet nothing could stand in)
+        raise SampleLoadError(self.path, short or f"video ends after {self.decoded} of the {total} frames its header "
                               f"announces (truncated?)")
 
 

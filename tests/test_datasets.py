@@ -206,6 +206,23 @@ def test_frame_folder_returns_written_frames(tmp_path):
     assert readers.count_frame_files(folder, "img_{:05d}.jpg", 1) == NFRAMES
 
 
+@pytest.mark.parametrize("tmpl,start", [("img_{:05d}.jpg", 1), ("{}.jpg", 0), ("{:06d}.png", 0)])
+def test_frame_count_is_the_same_with_or_without_other_files(tmp_path, tmpl, start):
+    """A folder of only frame files is counted without the per-name scan; other files must not change the count,
+    and a gap stays an error either way."""
+    for extra in ((), ("notes.txt", tmpl.format(start + 20) + ".bak")):
+        folder = tmp_path / f"v{len(extra)}"
+        folder.mkdir()
+        for k in range(5):
+            (folder / tmpl.format(start + k)).write_bytes(b"")
+        for name in extra:
+            (folder / name).write_bytes(b"")
+        assert readers.count_frame_files(str(folder), tmpl, start) == 5
+        (folder / tmpl.format(start + 7)).write_bytes(b"")
+        with pytest.raises(SampleLoadError, match="gap"):
+            readers.count_frame_files(str(folder), tmpl, start)
+
+
 @pytest.mark.parametrize("name,codec", [("v.mp4", "libx264"), ("v.mp4", "mpeg4"), ("v.avi", "mpeg4"),
                                         ("v.avi", "mjpeg")])
 def test_video_file_returns_written_frames(tmp_path, backend, name, codec):
