@@ -119,10 +119,20 @@ class Collection:
         """The stored embedding of one row, (E,)."""
         if not 0 <= row < len(self):
             raise SearchError(f"row {row} is out of range: the export has rows 0..{len(self) - 1}")
-        for first, chunk in self.chunks():
-            if row < first + chunk.shape[0]:
-                return np.array(chunk[row - first], dtype=np.float32)
-        raise AssertionError("unreachable")
+        return self.take([row])[0]
+
+    def take(self, rows) -> np.ndarray:
+        """The stored embeddings of ``rows`` (valid row numbers, any order), float32 (len(rows), E): each shard is
+        opened once and its rows gathered in one indexing."""
+        rows = np.asarray(rows, dtype=np.int64)
+        out = np.empty((len(rows), self.embed_dim), np.float32)
+        ends = np.cumsum([n for _, n in self.shards])
+        which = np.searchsorted(ends, rows, side="right")  # the shard of every row
+        for s in np.unique(which):
+            mine = np.flatnonzero(which == s)
+            first = int(ends[s]) - self.shards[s][1]
+            out[mine] = np.load(self.shards[s][0], mmap_mode="r")[rows[mine] - first]
+        return out
 
     def find(self, path: str) -> Optional[int]:
         """The row of a video by its path: as exported, the same file under another spelling, or the end of exactly
@@ -232,7 +242,7 @@ def build_faiss_index(collection: Collection, kind: str = "hnsw", hnsw_m: int = 
     if not index.is_trained:
         rng = np.random.default_rng(seed)
         take = np.sort(rng.choice(n, size=min(n, train_rows), replace=False))
-        sample = np.stack([collection.vector(int(i)) for i in take]) if n > train_rows else \
+        sample = collection.take(take) if n > train_rows else \
             np.concatenate([np.asarray(c, np.float32) for _, c in collection.chunks()])
         index.train(np.ascontiguousarray(sample, dtype=np.float32))
     for _, chunk in collection.chunks():

@@ -21,7 +21,6 @@ import logging
 import os
 import re
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
@@ -283,18 +282,6 @@ def read_list_file(path) -> List[Tuple[str, int, int]]:
         if r.label is None:
             raise InputFormatError(path, r.line, "no label (or label -1); these tools need '<folder> <num_frames> <label id>'")
     return [(r.path, r.num_frames, r.label) for r in records]
-
-
-@dataclass
-class JoinReport:
-    """What a join of split entries with the manifest found."""
-
-    found: int = 0
-    missing: List[str] = None  # type: ignore[assignment]
-
-    def __post_init__(self):
-        if self.missing is None:
-            self.missing = []
 
 
 class ManifestIndex:

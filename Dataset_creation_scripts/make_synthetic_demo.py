@@ -340,13 +340,13 @@ def extract_and_list(out, workers: int = 2, progress: bool = True) -> Dict[str, 
     names = _common.read_classes_csv(out / "classes.csv")
     labels = extract_frames.labels_from_class_folders(result.videos, names, str(out / "classes.csv"))
     counts = {}
+    video_of = {v.folder: v.rel for v in result.videos}
     for split in ("train", "val"):
         folders = sorted(f for f in labels if f.startswith(split + "/"))
         lines = [_common.format_list_line(f, result.manifest[f], labels[f]) for f in folders]
         _common.write_list_file(out / f"{split}.txt", lines)
-        video_of = {v.folder: v.rel for v in result.videos}
         _common.write_list_file(out / f"{split}_videos.txt",
-                                   [_common.format_list_line(video_of[f], result.manifest[f], labels[f]) for f in folders])
+                                [_common.format_list_line(video_of[f], result.manifest[f], labels[f]) for f in folders])
         counts[split] = len(lines)
     return counts
 

@@ -29,6 +29,8 @@ from typing import Optional, Union
 
 import torch
 
+from clip.pretrained import file_sha256
+
 from .backbone import build_backbone, check_backbone
 from .checkpoint import load_t2l_tensors
 from .errors import CheckpointError
@@ -48,14 +50,6 @@ CLIP_PREFIX = "clip."
 _PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".pkl", ".pickle", ".ckpt")
 
 PathLike = Union[str, os.PathLike]
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def is_model_folder(path: PathLike) -> bool:
@@ -116,7 +110,7 @@ def _read_weights(folder: Path, config: dict) -> dict:
     _check_safetensors(path)
     want = config.get("weights_sha256")
     if want:
-        got = _sha256(path)
+        got = file_sha256(path)
         if got != want:
             raise CheckpointError(f"{path} has SHA-256 {got}, but {CONFIG_FILE} records {want}: the weights were "
                                   f"changed or damaged after the export")
@@ -246,10 +240,9 @@ def export_model_folder(src: PathLike, out_dir: PathLike, full: bool = False, tr
     ``full``: include the frozen CLIP (needed for published checkpoints, whose CLIP lives in the file). An existing
     non-empty ``out_dir`` is refused unless ``overwrite`` (and then only a model folder is replaced, file by file).
     """
-    from utils.checkpoint import safe_load
     from utils.io import atomic_write
 
-    from .checkpoint import load_t2l
+    from .checkpoint import load_t2l, read_checkpoint, t2l_from_checkpoint
 
     src, out = Path(src), Path(out_dir)
     if out.exists() and not out.is_dir():
@@ -260,14 +253,16 @@ def export_model_folder(src: PathLike, out_dir: PathLike, full: bool = False, tr
                                   f"folder there")
         if not is_model_folder(out):
             raise CheckpointError(f"{out} is not empty and not a T2L model folder: refusing to write into it")
-    model = load_t2l(src, trust=trust)
     extra: dict = {}
-    if src.is_file():
-        ckpt = safe_load(src, trust=trust)
+    if src.is_file():  # read once: the model and the card's training record come from the same dict
+        ckpt = read_checkpoint(src, trust=trust)
+        model = t2l_from_checkpoint(ckpt, str(src))
         extra = {"epoch": ckpt.get("epoch"), "best": ckpt.get("best")}
         train_list = ((ckpt.get("config") or {}).get("data") or {}).get("train_list")
         if train_list:
             extra["train_list"] = Path(str(train_list)).name
+    else:
+        model = load_t2l(src, trust=trust)
     identity = dict(getattr(model.clip, "source_identity", None) or {})
     backbone = {k: v for k, v in identity.items() if k in ("name_or_path", "sha256", "seed", "config")}
     if identity.get("kind") == "published-t2l" or not backbone.get("name_or_path"):
@@ -291,7 +286,7 @@ def export_model_folder(src: PathLike, out_dir: PathLike, full: bool = False, tr
               "t2l_parameters": int(sum(v.numel() for v in model.trainable_state_dict().values())),
               "trainable_parameters": int(sum(p.numel() for n, p in model.named_parameters()
                                               if not n.startswith(CLIP_PREFIX) and p.requires_grad)),
-              "source": {"file": src.name, "sha256": _sha256(src) if src.is_file() else None,
+              "source": {"file": src.name, "sha256": file_sha256(src) if src.is_file() else None,
                          "epoch": extra.get("epoch")}}
     out.mkdir(parents=True, exist_ok=True)
     files = {WEIGHTS_FILE: blob, CONFIG_FILE: (json.dumps(config, indent=2, sort_keys=True) + "\n").encode(),

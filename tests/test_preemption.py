@@ -31,6 +31,7 @@ from utils.preemption import EXIT_REQUEUE, CheckpointClock, StopSignals
 import test_train_test as end_to_end
 from test_reliability import patch_loss, assert_same_checkpoint, metrics_rows, run_forked, tmp_files
 from test_reliability import one_thread_at_the_repo_root  # noqa: F401 (an autouse fixture: one torch thread, cwd)
+from test_reliability import reference  # noqa: F401 (module-scoped: an uninterrupted two-epoch run, made once here)
 from test_train_test import train_args
 
 demo = end_to_end.demo
@@ -38,14 +39,6 @@ ROOT = Path(__file__).resolve().parents[1]
 SEED = 21  # the issue's number: the signal points below are drawn from random.Random(SEED)
 BATCHES = 4  # per epoch: 16 demo videos, batch 4
 EVERY = 3  # checkpoint.every_steps of the interrupted runs: a SIGKILL loses fewer steps than this
-
-
-@pytest.fixture(scope="module")
-def reference(demo, tmp_path_factory):
-    """An uninterrupted two-epoch run, evaluated every epoch, without mid-epoch checkpoints."""
-    out = tmp_path_factory.mktemp("reference")
-    train_script.main(train_args(demo, out))
-    return out
 
 
 def progress(out: Path) -> int:

@@ -161,6 +161,18 @@ def test_exact_search_merges_shards_and_skips_incomplete_ones(tmp_path, caplog):
     assert len(col) == 200 and "shard 4 is incomplete" in caplog.text
 
 
+def test_take_gathers_rows_across_shards(tmp_path):
+    rng = np.random.default_rng(2)
+    emb = clustered(230, 16, rng, rng.standard_normal((5, 16)))
+    col = search.Collection.open(fake_export(tmp_path / "x", emb, shard_size=50))
+    rows = np.array([229, 0, 49, 50, 120, 7, 200, 199])  # any order, on both sides of shard boundaries
+    assert col.take(rows).dtype == np.float32
+    np.testing.assert_array_equal(col.take(rows), emb[rows])
+    np.testing.assert_array_equal(col.vector(50), emb[50])
+    with pytest.raises(search.SearchError, match="out of range"):
+        col.vector(230)
+
+
 def test_faiss_index_gives_the_exact_top10_on_10k_vectors(tmp_path):
     faiss = pytest.importorskip("faiss", reason="FAISS is optional (pip install faiss-cpu); the exact search is used")
     faiss.omp_set_num_threads(1)  # a deterministic graph
@@ -181,6 +193,10 @@ def test_faiss_index_gives_the_exact_top10_on_10k_vectors(tmp_path):
         index, meta = search.build_faiss_index(col, kind)
         s, r = search.faiss_search(index, queries, 10, nprobe=10_000)
         assert (r == exact_r).all(), kind
+    # trained on a sample of the rows (train_rows < rows): still exact with every list probed
+    index, meta = search.build_faiss_index(col, "ivf", train_rows=4000)
+    s, r = search.faiss_search(index, queries, 10, nprobe=10_000)
+    assert (r == exact_r).all()
 
 
 def test_search_uses_a_matching_index_and_not_a_stale_one(export, tmp_path, capsys, caplog):
